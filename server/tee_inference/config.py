@@ -1,0 +1,103 @@
+"""The server's configuration: one typed object, read once at start.
+
+It travels as `TEE_INFERENCE_*` environment variables because vLLM instantiates our
+middleware without arguments (`vllm serve --middleware …`). Secrets never travel this
+way: the bearer token is named by the variable that holds it (`--api-key-env`), and the
+signing key is made inside the serving process.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+
+ENV_PREFIX = "TEE_INFERENCE_"
+
+
+class ConfigError(ValueError):
+    """The configuration is inconsistent or incomplete; the message says which setting."""
+
+
+class ServerConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    tee: Literal["simulated", "tdx"] = "simulated"
+    key_source: Literal["random", "file", "dstack"] = "random"
+    key_file: Path | None = None
+    key_epoch: int = Field(default=1, ge=0)
+    dstack_socket: Path = Path("/var/run/dstack.sock")
+    # Name of the environment variable that holds the bearer token; None = no auth.
+    api_key_env: str | None = None
+    # Served model names that pass the gate. Empty: ask the engine's /v1/models once.
+    served_models: tuple[str, ...] = ()
+    model_dir: Path | None = None
+    model_weights_root: str | None = None
+    signature_ttl_s: float = Field(default=3600.0, ge=1800.0)
+    signature_max_entries: int = Field(default=1_000_000, gt=0)
+    signature_max_bytes: int = Field(default=512 << 20, gt=0)
+    max_request_bytes: int = Field(default=16 << 20, gt=0)
+    # A non-streaming body is held until it ends so its signature can go in the headers;
+    # past this size it is forwarded as it comes (still signed and stored, no headers).
+    max_held_response_bytes: int = Field(default=32 << 20, gt=0)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ServerConfig:
+        if self.key_source == "file" and self.key_file is None:
+            raise ValueError("key_source 'file' needs key_file")
+        if self.tee == "tdx" and self.key_source == "file":
+            raise ValueError("a key from a file is for development only and is refused with --tee tdx")
+        return self
+
+    def api_key(self, environ: Mapping[str, str] | None = None) -> SecretStr | None:
+        """The bearer token, read from the variable named by `api_key_env`."""
+        if self.api_key_env is None:
+            return None
+        value = (os.environ if environ is None else environ).get(self.api_key_env, "")
+        if not value:
+            raise ConfigError(f"--api-key-env names {self.api_key_env}, which is empty or unset")
+        return SecretStr(value)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> ServerConfig:
+        env = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        for name, field in cls.model_fields.items():
+            raw = env.get(ENV_PREFIX + name.upper())
+            if raw is None:
+                continue
+            if field.annotation == tuple[str, ...]:
+                values[name] = tuple(part for part in raw.split(",") if part)
+            else:
+                values[name] = raw
+        try:
+            return cls.model_validate(values)
+        except ValidationError as exc:
+            raise ConfigError(_describe(exc)) from None
+
+    @classmethod
+    def build(cls, **values: object) -> ServerConfig:
+        try:
+            return cls.model_validate({k: v for k, v in values.items() if v is not None})
+        except ValidationError as exc:
+            raise ConfigError(_describe(exc)) from None
+
+    def to_env(self) -> dict[str, str]:
+        """The environment that reproduces this configuration in a child process."""
+        out: dict[str, str] = {}
+        for name, value in self.model_dump(exclude_defaults=True).items():
+            if isinstance(value, tuple):
+                value = ",".join(value)
+            out[ENV_PREFIX + name.upper()] = str(value)
+        return out
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "configuration"
+        parts.append(f"{where}: {err['msg']}")
+    return "; ".join(parts)

@@ -1,0 +1,128 @@
+"""The standalone front: a FastAPI app that streams requests to an OpenAI-compatible engine.
+
+It forwards bytes, never JSON: the body the engine receives is the body the client sent,
+and the body the client receives is the body the engine produced, so the signing
+middleware in front of this app hashes exactly what both ends saw.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import anyio
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from tee_inference.asgi import Receive, Scope, Send
+from tee_inference.errors import error_body
+
+log = logging.getLogger("tee_inference.proxy")
+
+# Response headers worth keeping from the engine; hop-by-hop and length headers are the
+# ASGI server's business, and anything else is the engine's internals.
+_KEPT_RESPONSE_HEADERS = frozenset({b"content-type", b"x-request-id"})
+_FORWARDED_REQUEST_HEADERS = frozenset({"content-type", "accept", "x-request-id"})
+
+
+class UpstreamResponse(Response):
+    """Streams an engine response to the client and cancels it the moment the client leaves.
+
+    Watching `receive` for `http.disconnect` (instead of waiting for a failed write) closes
+    the engine connection at once, so vLLM aborts the generation and frees its KV cache.
+    """
+
+    def __init__(self, upstream: httpx.Response) -> None:
+        # Not Response.__init__: the body is streamed from `upstream`, never rendered.
+        self.upstream = upstream
+        self.status_code = upstream.status_code
+        self.background = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = [
+            (k.lower(), v) for k, v in self.upstream.headers.raw if k.lower() in _KEPT_RESPONSE_HEADERS
+        ]
+        try:
+            async with anyio.create_task_group() as tasks:
+
+                async def watch_disconnect() -> None:
+                    while (await receive())["type"] != "http.disconnect":
+                        pass
+                    log.info("client disconnected; cancelling the engine request")
+                    tasks.cancel_scope.cancel()
+
+                tasks.start_soon(watch_disconnect)
+                await send(
+                    {"type": "http.response.start", "status": self.upstream.status_code, "headers": headers}
+                )
+                async for chunk in self.upstream.aiter_raw():
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                tasks.cancel_scope.cancel()
+        finally:
+            await self.upstream.aclose()
+
+
+def _envelope(status: int, message: str) -> Response:
+    return Response(error_body(status, message), status_code=status, media_type="application/json")
+
+
+def create_proxy_app(upstream_url: str, *, transport: httpx.AsyncBaseTransport | None = None) -> FastAPI:
+    """A FastAPI app forwarding the OpenAI routes we serve to `upstream_url`."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # No read timeout: a long generation streams for minutes; the client's disconnect,
+        # not a timer, ends it. Pool limits bound the connections we hold to the engine.
+        async with httpx.AsyncClient(
+            base_url=upstream_url,
+            transport=transport,
+            timeout=httpx.Timeout(connect=10.0, read=None, write=60.0, pool=30.0),
+            limits=httpx.Limits(max_connections=1024, max_keepalive_connections=64),
+            headers={"accept-encoding": "identity"},
+        ) as client:
+            app.state.client = client
+            yield
+
+    app = FastAPI(lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> Response:
+        return _envelope(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> Response:
+        return _envelope(400, "invalid request: " + "; ".join(str(e.get("msg")) for e in exc.errors()))
+
+    async def forward(request: Request) -> Response:
+        client: httpx.AsyncClient = request.app.state.client
+        headers = {k: v for k, v in request.headers.items() if k in _FORWARDED_REQUEST_HEADERS}
+        outgoing = client.build_request(
+            request.method, request.url.path, content=await request.body(), headers=headers
+        )
+        try:
+            upstream = await client.send(outgoing, stream=True)
+        except httpx.TransportError as exc:
+            log.error("engine unreachable at %s: %s", upstream_url, type(exc).__name__)
+            return _envelope(502, "the engine is unreachable")
+        return UpstreamResponse(upstream)
+
+    for path in ("/v1/chat/completions", "/v1/completions"):
+        app.add_api_route(path, forward, methods=["POST"], include_in_schema=False, response_model=None)
+    for path in ("/v1/models", "/version", "/metrics"):
+        app.add_api_route(path, forward, methods=["GET"], include_in_schema=False, response_model=None)
+
+    @app.get("/health", include_in_schema=False)
+    async def health(request: Request) -> Response:
+        client: httpx.AsyncClient = request.app.state.client
+        try:
+            ok = (await client.get("/health", timeout=5.0)).status_code == 200
+        except httpx.HTTPError:
+            ok = False
+        return Response(status_code=200) if ok else _envelope(503, "the engine is not healthy")
+
+    return app

@@ -1,0 +1,142 @@
+"""The one error envelope of SPEC §6, as bytes and as an ASGI response.
+
+Every layer answers errors through these functions, so a client sees one shape whether
+the error came from the gate, the engine, FastAPI's validation or an unknown route.
+"""
+
+from __future__ import annotations
+
+import json
+from http import HTTPStatus
+from typing import Any
+
+from tee_inference.asgi import Send
+
+# OpenAI's error `type` for each status class we answer.
+_TYPES: dict[int, str] = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    408: "timeout_error",
+    409: "invalid_request_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+}
+
+# A machine-readable `code` for errors that did not come with one.
+_CODES: dict[int, str] = {
+    400: "invalid_request",
+    401: "invalid_api_key",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    408: "request_timeout",
+    413: "request_too_large",
+    415: "unsupported_media_type",
+    422: "invalid_request",
+    429: "rate_limited",
+    500: "internal_error",
+    502: "engine_unavailable",
+    503: "not_available",
+    504: "engine_timeout",
+}
+
+
+def error_type(status: int) -> str:
+    return _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+
+
+def default_code(status: int) -> str:
+    return _CODES.get(status, HTTPStatus(status).phrase.lower().replace(" ", "_"))
+
+
+def error_payload(
+    status: int,
+    message: str,
+    *,
+    code: str | None = None,
+    param: str | None = None,
+    type_: str | None = None,
+) -> dict[str, Any]:
+    return {
+        "error": {
+            "message": message,
+            "type": type_ or error_type(status),
+            "param": param,
+            "code": code or default_code(status),
+            "status": status,
+        }
+    }
+
+
+def error_body(
+    status: int,
+    message: str,
+    *,
+    code: str | None = None,
+    param: str | None = None,
+    type_: str | None = None,
+) -> bytes:
+    payload = error_payload(status, message, code=code, param=param, type_=type_)
+    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def json_headers(body: bytes, extra: list[tuple[bytes, bytes]] | None = None) -> list[tuple[bytes, bytes]]:
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode("ascii")),
+    ]
+    return headers + (extra or [])
+
+
+async def send_json(
+    send: Send, status: int, body: bytes, extra_headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    await send(
+        {"type": "http.response.start", "status": status, "headers": json_headers(body, extra_headers)}
+    )
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def send_error(
+    send: Send,
+    status: int,
+    message: str,
+    *,
+    code: str | None = None,
+    param: str | None = None,
+    extra_headers: list[tuple[bytes, bytes]] | None = None,
+) -> None:
+    await send_json(send, status, error_body(status, message, code=code, param=param), extra_headers)
+
+
+def normalize_error_body(status: int, body: bytes) -> bytes:
+    """Rewrite any error body (vLLM's, Starlette's plain text, FastAPI's `detail`) into the envelope.
+
+    Only the message is kept from foreign shapes, and only when it is a short string: a
+    framework's debug output must never reach the client.
+    """
+    message: str | None = None
+    code: str | None = None
+    param: str | None = None
+    try:
+        value = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        value = None
+    if isinstance(value, dict):
+        inner = value.get("error") if isinstance(value.get("error"), dict) else value
+        if isinstance(inner.get("message"), str):
+            message = inner["message"]
+        elif isinstance(inner.get("detail"), str):
+            message = inner["detail"]
+        if isinstance(inner.get("code"), str):
+            code = inner["code"]
+        if isinstance(inner.get("param"), str):
+            param = inner["param"]
+    if message is None or len(message) > 2000:
+        message = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "error"
+    return error_body(status, message, code=code, param=param)

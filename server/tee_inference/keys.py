@@ -1,0 +1,101 @@
+"""Where the boot signing key comes from, and how both algorithm keys derive from it.
+
+A key source yields one root secret per boot; HKDF turns it into a secp256k1 key and an
+ed25519 key. Deriving both from one secret means a source that is deterministic (a CVM's
+key service) gives the same identity after a restart, and the epoch in the HKDF info lets an
+operator rotate to a fresh identity without a new source.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+from typing import Protocol
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from tee_inference.signing import SECP256K1_ORDER, CompletionSigner, EcdsaSigner, Ed25519Signer
+
+_HKDF_SALT = b"tee-inference/signing-key/v1"
+
+
+class KeySourceError(RuntimeError):
+    """The key source cannot provide a secret; the message never contains key material."""
+
+
+class KeySource(Protocol):
+    """A trust root for the signing key: produces this boot's root secret."""
+
+    name: str
+    development_only: bool
+
+    def root_secret(self) -> bytes: ...
+
+
+class RandomKeySource:
+    """A fresh key every boot: nothing outside the process ever sees it."""
+
+    name = "random"
+    development_only = False
+
+    def root_secret(self) -> bytes:
+        return secrets.token_bytes(32)
+
+
+class FileKeySource:
+    """A root secret read from a file of 64 hex characters. For development only."""
+
+    name = "file"
+    development_only = True
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def root_secret(self) -> bytes:
+        try:
+            text = self.path.read_text(encoding="ascii").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise KeySourceError(f"cannot read key file {self.path}: {type(exc).__name__}") from None
+        try:
+            secret = bytes.fromhex(text)
+        except ValueError:
+            secret = b""
+        if len(secret) != 32:
+            raise KeySourceError(f"key file {self.path} must hold exactly 64 hex characters")
+        return secret
+
+    @staticmethod
+    def create(path: Path) -> FileKeySource:
+        """Write a new random secret readable by the owner only."""
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="ascii") as f:
+            f.write(secrets.token_hex(32) + "\n")
+        return FileKeySource(path)
+
+
+def _hkdf(secret: bytes, info: bytes) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=_HKDF_SALT, info=info).derive(secret)
+
+
+def derive_signer(secret: bytes, epoch: int) -> CompletionSigner:
+    """Both signing keys of one epoch, derived from the root secret."""
+    if len(secret) < 32:
+        raise KeySourceError("a root secret must be at least 32 bytes")
+    if epoch < 0:
+        raise ValueError("the key epoch is a non-negative integer")
+    # A 32-byte HKDF output is a valid secp256k1 scalar except with probability ~2^-128;
+    # the counter keeps the derivation total and deterministic all the same.
+    counter = 0
+    while True:
+        candidate = _hkdf(secret, b"secp256k1/epoch=%d/%d" % (epoch, counter))
+        if 0 < int.from_bytes(candidate, "big") < SECP256K1_ORDER:
+            break
+        counter += 1
+    ed_seed = _hkdf(secret, b"ed25519/epoch=%d" % epoch)
+    return CompletionSigner(EcdsaSigner(candidate), Ed25519Signer(ed_seed), epoch)
+
+
+def load_signer(source: KeySource, epoch: int) -> CompletionSigner:
+    return derive_signer(source.root_secret(), epoch)

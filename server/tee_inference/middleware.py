@@ -216,7 +216,7 @@ class SignedExchange:
         if body is None or not await self.gate(body):
             return
         try:
-            await self.app(self.scope, _replay(body, receive), self.on_engine_message)
+            await self.app(self.scope, self.replay(body, receive), self.on_engine_message)
         except Exception as exc:
             if self.client_gone:
                 self.services.metrics.unsigned.labels("client_disconnected").inc()
@@ -224,8 +224,26 @@ class SignedExchange:
             log.error("engine failed during %s: %s", self.scope["path"], type(exc).__name__)
             await self.engine_failed()
             return
-        if not self.finished and not self.client_gone:
+        if self.client_gone:
+            self.services.metrics.unsigned.labels("client_disconnected").inc()
+        elif not self.finished:
             await self.engine_failed()
+
+    def replay(self, body: bytes, receive: Receive) -> Receive:
+        """Give the engine the body we already read, then the real channel (for disconnects)."""
+        delivered = False
+
+        async def replayed() -> Message:
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                self.client_gone = True
+            return message
+
+        return replayed
 
     async def read_body(self, receive: Receive) -> bytes | None:
         limit = self.services.config.max_request_bytes
@@ -333,6 +351,7 @@ class SignedExchange:
             signature = await self.sign_and_store()
             await self.forward_start(
                 [
+                    (b"content-length", str(len(whole)).encode("ascii")),
                     (b"x-signature-text", signature.text.encode("ascii")),
                     (b"x-signature", signature.ecdsa.hex().encode("ascii")),
                     (b"x-signing-address", self.signing_address),
@@ -400,7 +419,9 @@ class SignedExchange:
         assert self.start is not None
         self.client_started = True
         start = dict(self.start)
-        start["headers"] = [*self.start.get("headers", []), *extra_headers]
+        replaced = {name for name, _ in extra_headers}
+        kept = [(k, v) for k, v in self.start.get("headers", []) if bytes(k).lower() not in replaced]
+        start["headers"] = [*kept, *extra_headers]
         await self.forward(start)
 
     async def forward(self, message: Message) -> None:
@@ -412,17 +433,3 @@ class SignedExchange:
         except Exception:
             self.client_gone = True
             raise
-
-
-def _replay(body: bytes, receive: Receive) -> Receive:
-    """Give the engine the body we already read, then the real channel (for disconnects)."""
-    delivered = False
-
-    async def replay() -> Message:
-        nonlocal delivered
-        if not delivered:
-            delivered = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return replay

@@ -57,6 +57,7 @@ class ChatRequest(_Lenient):
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     n: Literal[1] = 1
+    ignore_eos: bool = False
 
 
 class CompletionRequest(_Lenient):
@@ -67,12 +68,14 @@ class CompletionRequest(_Lenient):
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     n: Literal[1] = 1
+    ignore_eos: bool = False
 
 
-def generate(prompt: str, max_tokens: int | None) -> tuple[list[str], str]:
+def generate(prompt: str, max_tokens: int | None, *, ignore_eos: bool = False) -> tuple[list[str], str]:
     """Deterministic tokens for a prompt, and the finish reason ("stop" or "length")."""
     digest = hashlib.sha256(prompt.encode("utf-8")).digest()
-    natural = 6 + digest[0] % 20
+    # vLLM's `ignore_eos` generates up to max_tokens; benchmarks and long-stream tests use it.
+    natural = max_tokens + 1 if ignore_eos and max_tokens else 6 + digest[0] % 20
     count = natural if max_tokens is None else min(natural, max_tokens)
     tokens: list[str] = []
     block = digest
@@ -182,8 +185,9 @@ class FakeEngine:
         else:
             prompt = request.prompt if isinstance(request.prompt, str) else "".join(request.prompt)
             limit = request.max_tokens
-        tokens, finish = generate(prompt, limit)
-        prompt_tokens = _prompt_tokens(prompt) + (4 * len(request.messages) if chat else 0)
+        tokens, finish = generate(prompt, limit, ignore_eos=request.ignore_eos)
+        chat_overhead = 4 * len(request.messages) if isinstance(request, ChatRequest) else 0
+        prompt_tokens = _prompt_tokens(prompt) + chat_overhead
         reply = _Reply(
             completion_id=(f"chatcmpl-{uuid.uuid4().hex}" if chat else f"cmpl-{uuid.uuid4().hex}"),
             created=int(self.clock()),
@@ -204,11 +208,15 @@ class FakeEngine:
                 "headers": [(b"content-type", b"text/event-stream; charset=utf-8")],
             }
         )
-        for event in reply.events(include_usage):
-            if self.token_delay_s:
-                await anyio.sleep(self.token_delay_s)
-            await send({"type": "http.response.body", "body": event, "more_body": True})
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        async with anyio.create_task_group() as tasks:
+            # Like vLLM, stop generating the moment the client goes away.
+            tasks.start_soon(_cancel_on_disconnect, receive, tasks.cancel_scope)
+            for event in reply.events(include_usage):
+                if self.token_delay_s:
+                    await anyio.sleep(self.token_delay_s)
+                await send({"type": "http.response.body", "body": event, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            tasks.cancel_scope.cancel()
 
 
 class _Reply:
@@ -240,7 +248,7 @@ class _Reply:
         text = "".join(self.tokens)
         usage = _usage(self.prompt_tokens, len(self.tokens))
         if self.chat:
-            message = {
+            message: dict[str, Any] = {
                 "role": "assistant",
                 "content": text,
                 "refusal": None,
@@ -338,8 +346,14 @@ def _validation_message(exc: ValueError) -> str:
     return "request body is not valid JSON"
 
 
+async def _cancel_on_disconnect(receive: Receive, scope: anyio.CancelScope) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    scope.cancel()
+
+
 async def _read_body(receive: Receive) -> bytes:
-    chunks = []
+    chunks: list[bytes] = []
     while True:
         message = await receive()
         chunks.append(message.get("body", b""))

@@ -1,0 +1,1 @@
+"""Engines the signing layer can front: the fake one, a proxied upstream, and vLLM."""

@@ -6,8 +6,6 @@ proxy app → a second server (the standalone `--upstream` deployment).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -16,16 +14,14 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from eth_account import Account
-from eth_account.messages import encode_defunct
 
 from servers import running
+from signed_client import signed_completion
 from tee_inference.config import ServerConfig
 from tee_inference.engines.fake import FakeEngine
 from tee_inference.engines.proxy import create_proxy_app
 from tee_inference.middleware import SigningMiddleware
 from tee_inference.services import Services
-from tee_inference.signing import ed25519_signature_matches
 
 MODEL = "fake-model"
 CONFORMANCE = Path(__file__).resolve().parents[2] / "shared" / "conformance" / "check.py"
@@ -47,17 +43,6 @@ def server(request: pytest.FixtureRequest) -> Iterator[tuple[str, Services]]:
                 yield url, services
 
 
-def _sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def _first_id(body: bytes, stream: bool) -> str:
-    if not stream:
-        return str(json.loads(body)["id"])
-    line = next(line for line in body.split(b"\n") if line.startswith(b"data: {"))
-    return str(json.loads(line[6:])["id"])
-
-
 CASES = [
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Say hi é 漢字"}], "max_tokens": 8}),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Count"}], "stream": True}),
@@ -77,37 +62,12 @@ CASES = [
 @pytest.mark.parametrize(("path", "body"), CASES)
 def test_raw_bytes_hash_and_both_signatures(server: tuple[str, Services], path: str, body: dict) -> None:
     url, services = server
-    # Deliberately not compact and with a trailing newline: the server must hash raw bytes.
-    raw = (json.dumps({"model": MODEL, **body}, indent=1, ensure_ascii=False) + "\n").encode()
-    stream = bool(body.get("stream"))
     with httpx.Client(base_url=url) as client:
-        with client.stream("POST", path, content=raw, headers={"content-type": "application/json"}) as r:
-            assert r.status_code == 200
-            received = b"".join(r.iter_raw())
-            headers = r.headers
-        if stream:
-            assert received.endswith(b"data: [DONE]\n\n")
-            assert headers["content-type"].startswith("text/event-stream")
-        completion_id = _first_id(received, stream)
-        text = f"{_sha(raw)}:{_sha(received)}"
-        ecdsa = client.get(f"/v1/signature/{completion_id}", params={"model": MODEL}).json()
-        assert ecdsa["text"] == text and ecdsa["signing_algo"] == "ecdsa"
-        signer = Account.recover_message(
-            encode_defunct(text=text), signature=bytes.fromhex(ecdsa["signature"])
-        )
-        assert signer == ecdsa["signing_address"] == services.signer.ecdsa.address
-        ed = client.get(
-            f"/v1/signature/{completion_id}", params={"model": MODEL, "signing_algo": "ed25519"}
-        ).json()
-        assert ed["text"] == text and ed["signing_public_key"] == services.signer.ed25519.public_key.hex()
-        assert ed25519_signature_matches(
-            text, bytes.fromhex(ed["signature"]), bytes.fromhex(ed["signing_public_key"])
-        )
-        if not stream:
-            assert headers["x-signature-text"] == text
-            assert headers["x-signing-address"] == signer
-            assert headers["x-signature"] == ecdsa["signature"]
-            assert headers["content-length"] == str(len(received))
+        signed = signed_completion(client, path, body, MODEL)
+    assert signed.signing_address == services.signer.ecdsa.address
+    assert signed.ed25519_public_key == services.signer.ed25519.public_key.hex()
+    if body.get("stream"):
+        assert signed.headers["content-type"].startswith("text/event-stream")
 
 
 def test_openai_sdk_unchanged(server: tuple[str, Services]) -> None:

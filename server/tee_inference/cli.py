@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from tee_inference import __version__
+from tee_inference.boot import StartRefused
 from tee_inference.config import ConfigError, ServerConfig
 from tee_inference.keys import KeySourceError
 
@@ -83,6 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long signatures stay fetchable (at least 1800)",
     )
     serve.add_argument("--build-dir", type=Path, default=Path("build"), help="caches for the engine")
+    serve.add_argument("--tdx-provider", choices=["configfs", "dstack"], default="configfs",
+                       help="with --tee tdx: quotes from the kernel's configfs-tsm or the dstack guest agent")
+    serve.add_argument("--dstack-socket", type=Path, help="dstack guest agent socket (default /var/run/dstack.sock)")
+    serve.add_argument("--expect-weights-root", metavar="HEX",
+                       help="refuse to start unless the model directory measures to this root")
+    serve.add_argument("--image-digest", default=os.environ.get("TEE_INFERENCE_IMAGE_DIGEST"),
+                       help="digest of the image this runs in (set by the image build)")
     _add_key_options(serve)
 
     keys = commands.add_parser(
@@ -104,13 +113,6 @@ def _served_name(args: argparse.Namespace) -> str:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from tee_inference.server import ServeOptions, serve
 
-    if args.tee == "tdx":
-        print(
-            "tee-inference: --tee tdx: no TDX quote provider and no NVIDIA GPU evidence provider are "
-            "available in this build; refusing to start",
-            file=sys.stderr,
-        )
-        return 2
     if args.engine == "vllm" and args.upstream is None and args.model is None:
         print("tee-inference: --engine vllm needs --model (a model directory)", file=sys.stderr)
         return 2
@@ -121,8 +123,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         key_epoch=args.key_epoch,
         api_key_env=args.api_key_env,
         signature_ttl_s=args.signature_ttl,
-        served_models=(_served_name(args),) if args.engine == "fake" and args.upstream is None else None,
+        # An --upstream engine may serve several models: without --model they are discovered.
+        served_models=(_served_name(args),) if args.upstream is None or args.model else None,
         model_dir=Path(args.model) if args.model and Path(args.model).is_dir() else None,
+        model_weights_root=args.expect_weights_root,
+        tdx_provider=args.tdx_provider,
+        dstack_socket=args.dstack_socket,
+        image_digest=args.image_digest,
     )
     options = ServeOptions(
         config=config,
@@ -177,6 +184,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, KeySourceError) as exc:
         print(f"tee-inference: {exc}", file=sys.stderr)
         return 2
+    except StartRefused as exc:
+        for reason in exc.reasons:
+            print(f"tee-inference: refusing to start: {reason}", file=sys.stderr)
+        return 1
     return 2
 
 

@@ -29,13 +29,20 @@ class ServerConfig(BaseModel):
     key_source: Literal["random", "file", "dstack"] = "random"
     key_file: Path | None = None
     key_epoch: int = Field(default=1, ge=0)
+    # With tee=tdx: quotes from the kernel's configfs-tsm, or from the dstack guest agent.
+    tdx_provider: Literal["configfs", "dstack"] = "configfs"
     dstack_socket: Path = Path("/var/run/dstack.sock")
+    dstack_key_path: str = "tee-inference/signing-key"
     # Name of the environment variable that holds the bearer token; None = no auth.
     api_key_env: str | None = None
     # Served model names that pass the gate. Empty: ask the engine's /v1/models once.
     served_models: tuple[str, ...] = ()
     model_dir: Path | None = None
+    # Expected model-weights root; the start is refused when the measured one differs.
     model_weights_root: str | None = None
+    # The container image this runs in, as the image build recorded it (reported and measured).
+    image_digest: str | None = None
+    report_cache_ttl_s: float = Field(default=30.0, ge=0.0, le=600.0)
     signature_ttl_s: float = Field(default=3600.0, ge=1800.0)
     signature_max_entries: int = Field(default=1_000_000, gt=0)
     signature_max_bytes: int = Field(default=512 << 20, gt=0)

@@ -52,6 +52,7 @@ ROUTE_METHODS: Final[dict[str, frozenset[str]]] = {
     "/health": frozenset({"GET", "HEAD"}),
     "/metrics": frozenset({"GET"}),
     "/version": frozenset({"GET"}),
+    "/v1/attestation/report": frozenset({"GET"}),
 }
 _ERROR_BODY_LIMIT: Final = 64 << 10
 _LEADING_ID = re.compile(rb'\A\s*\{\s*"id"\s*:\s*"([A-Za-z0-9._:-]{1,256})"')
@@ -125,6 +126,8 @@ class SigningMiddleware:
             await routes.models(services, self.app, scope, send)
         elif route == "/metrics":
             await routes.metrics(services, self.app, scope, send)
+        elif route == "/v1/attestation/report":
+            await routes.attestation_report(services, self.app, scope, send)
         else:
             await ErrorNormalizer(send).run(self.app, scope, receive)
 

@@ -12,8 +12,10 @@ from urllib.parse import parse_qs
 
 from tee_inference.asgi import ASGIApp, Scope, Send
 from tee_inference.errors import normalize_error_body, send_error, send_json
+from tee_inference.reports import SIGNING_ALGOS, ReportBusy, parse_nonce, report_json
 from tee_inference.services import Services
 from tee_inference.subrequest import call_app
+from tee_inference.tee import TrustRootError
 
 SIGNATURE_PREFIX = "/v1/signature/"
 _COMPLETION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,255}")
@@ -68,6 +70,30 @@ async def signature(services: Services, app: ASGIApp, scope: Scope, send: Send) 
         payload["signature"] = record.ed25519.hex()
         payload["signing_public_key"] = record.ed25519_public_key.hex()
     await send_json(send, 200, json.dumps(payload, separators=(",", ":")).encode())
+
+
+async def attestation_report(services: Services, app: ASGIApp, scope: Scope, send: Send) -> None:
+    params = query_params(scope)
+    try:
+        nonce = parse_nonce(params.get("nonce"))
+    except ValueError as exc:
+        await send_error(send, 400, str(exc), param="nonce", code="invalid_nonce")
+        return
+    algo = params.get("signing_algo", "ecdsa")
+    if algo not in SIGNING_ALGOS:
+        await send_error(send, 400, "signing_algo must be 'ecdsa' or 'ed25519'", param="signing_algo")
+        return
+    if not await check_model_param(services, app, scope, send):
+        return
+    try:
+        report = await services.attestation.report(nonce, algo)
+    except ReportBusy as exc:
+        await send_error(send, 503, str(exc), code="busy", extra_headers=[(b"retry-after", b"1")])
+        return
+    except TrustRootError as exc:
+        await send_error(send, 503, f"attestation is unavailable: {exc}", code="attestation_unavailable")
+        return
+    await send_json(send, 200, report_json(report))
 
 
 async def models(services: Services, app: ASGIApp, scope: Scope, send: Send) -> None:

@@ -19,6 +19,7 @@ from types import FrameType
 import uvicorn
 
 from tee_inference.asgi import ASGIApp
+from tee_inference.boot import make_trust_roots, preflight
 from tee_inference.config import ServerConfig
 from tee_inference.engines.fake import FakeEngine
 from tee_inference.engines.proxy import create_proxy_app
@@ -31,7 +32,7 @@ from tee_inference.engines.vllm import (
     vllm_command,
 )
 from tee_inference.middleware import SigningMiddleware
-from tee_inference.services import Services
+from tee_inference.services import Services, make_key_source
 
 log = logging.getLogger("tee_inference")
 
@@ -84,9 +85,20 @@ def _run_uvicorn(app: ASGIApp, host: str, port: int) -> int:
     return 0
 
 
+def check_trust_roots(config: ServerConfig) -> bool:
+    """The fail-closed start: every root checked, one line per failed check."""
+    results = preflight(config, make_trust_roots(config), make_key_source(config))
+    for result in results:
+        if not result.ok:
+            print(f"tee-inference: refusing to start: {result.name}: {result.detail}", file=sys.stderr)
+    return all(result.ok for result in results)
+
+
 def serve(options: ServeOptions) -> int:
     if options.config.tee == "simulated":
         print(SIMULATED_WARNING, file=sys.stderr, flush=True)
+    elif not check_trust_roots(options.config):
+        return 1
     base_url = f"http://{options.host}:{options.port}"
     if options.engine == "vllm" and options.upstream is None:
         return _serve_vllm(options, base_url)

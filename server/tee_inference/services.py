@@ -9,15 +9,24 @@ from __future__ import annotations
 import hmac
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import anyio
 from pydantic import SecretStr
 
 from tee_inference.asgi import ASGIApp, Scope
+from tee_inference.boot import (
+    boot_info,
+    make_trust_roots,
+    measure_weights,
+    preflight,
+    record_boot_events,
+    refuse_on_failures,
+)
 from tee_inference.config import ConfigError, ServerConfig
 from tee_inference.keys import FileKeySource, KeySource, RandomKeySource, load_signer
 from tee_inference.metrics import ServingMetrics
+from tee_inference.reports import AttestationService
 from tee_inference.signing import CompletionSigner
 from tee_inference.store import MemorySignatureStore, SignatureStore
 from tee_inference.subrequest import call_app
@@ -31,7 +40,9 @@ def make_key_source(config: ServerConfig) -> KeySource:
     if config.key_source == "file":
         assert config.key_file is not None  # the config validator guarantees it
         return FileKeySource(config.key_file)
-    raise ConfigError(f"key source {config.key_source!r} is not available in this build")
+    from tee_inference.tee.dstack import DstackKeySource
+
+    return DstackKeySource(config.dstack_socket, config.dstack_key_path)
 
 
 class ServedModels:
@@ -81,15 +92,29 @@ class Services:
     metrics: ServingMetrics
     models: ServedModels
     key_source_name: str
+    attestation: AttestationService
+    weights_root: str | None = None
     api_key: SecretStr | None = None
-    extra: dict[str, object] = field(default_factory=dict)
 
     @classmethod
     def start(cls, config: ServerConfig) -> Services:
+        """Boot: trust roots checked (tdx), key derived, weights measured, RTMR3 extended."""
         source = make_key_source(config)
         if config.tee == "tdx" and source.development_only:
             raise ConfigError(f"key source {source.name!r} is for development only and refused with tdx")
+        roots = make_trust_roots(config)
+        if config.tee == "tdx":
+            refuse_on_failures(preflight(config, roots, source))
         signer = load_signer(source, config.key_epoch)
+        weights_root = measure_weights(config)
+        record_boot_events(roots.tdx, config, signer, source.name, weights_root)
+        attestation = AttestationService(
+            tdx=roots.tdx,
+            gpu=roots.gpu,
+            signer=signer,
+            info=boot_info(config, roots, signer, source.name, weights_root),
+            server_nonce_ttl_s=config.report_cache_ttl_s,
+        )
         metrics = ServingMetrics()
         store = MemorySignatureStore(
             ttl_s=config.signature_ttl_s,
@@ -105,6 +130,8 @@ class Services:
             metrics=metrics,
             models=ServedModels(config.served_models),
             key_source_name=source.name,
+            attestation=attestation,
+            weights_root=weights_root,
             api_key=config.api_key(),
         )
         log.info(
@@ -120,7 +147,7 @@ class Services:
     def model_info(self) -> dict[str, object]:
         """What /v1/models adds to each served model."""
         return {
-            "model_weights_root": self.config.model_weights_root,
+            "model_weights_root": self.weights_root,
             "tee": self.config.tee,
             "simulated": self.config.tee == "simulated",
         }

@@ -1,0 +1,1 @@
+"""Attestation primitives: TDX quote parsing and checks, event-log replay, report_data packing."""

@@ -1,0 +1,87 @@
+"""Packing and explaining the 64-byte TDX ``report_data`` that binds a signing key to a nonce.
+
+Layout (SPEC §3):
+
+* ``ecdsa``:   bytes 0–19 signing address, 20–31 zero, 32–63 nonce.
+* ``ed25519``: bytes 0–31 public key, 32–63 nonce.
+"""
+
+from __future__ import annotations
+
+from typing import Final, Literal
+
+REPORT_DATA_SIZE: Final = 64
+NONCE_SIZE: Final = 32
+ADDRESS_SIZE: Final = 20
+ED25519_PUBLIC_KEY_SIZE: Final = 32
+
+SigningAlgo = Literal["ecdsa", "ed25519"]
+
+# (name, start, end) with end exclusive; names are what a person reads in an error.
+_ECDSA_REGIONS: Final[tuple[tuple[str, int, int], ...]] = (
+    ("signing address (bytes 0–19)", 0, 20),
+    ("zero padding (20–31)", 20, 32),
+    ("nonce (32–63)", 32, 64),
+)
+_ED25519_REGIONS: Final[tuple[tuple[str, int, int], ...]] = (
+    ("public key (0–31)", 0, 32),
+    ("nonce (32–63)", 32, 64),
+)
+
+
+class ReportDataError(ValueError):
+    """A report_data input has the wrong length or an unknown signing algorithm was named."""
+
+
+def _require_length(name: str, value: bytes, size: int) -> None:
+    if len(value) != size:
+        raise ReportDataError(f"{name} must be {size} bytes, got {len(value)}")
+
+
+def report_data_for_ecdsa(address: bytes, nonce: bytes) -> bytes:
+    """Return ``address ‖ 12 zero bytes ‖ nonce`` for a secp256k1 signing address (20 raw bytes)."""
+    _require_length("signing address", address, ADDRESS_SIZE)
+    _require_length("nonce", nonce, NONCE_SIZE)
+    return address + bytes(NONCE_SIZE - ADDRESS_SIZE) + nonce
+
+
+def report_data_for_ed25519(public_key: bytes, nonce: bytes) -> bytes:
+    """Return ``public_key ‖ nonce`` for a raw 32-byte Ed25519 public key."""
+    _require_length("ed25519 public key", public_key, ED25519_PUBLIC_KEY_SIZE)
+    _require_length("nonce", nonce, NONCE_SIZE)
+    return public_key + nonce
+
+
+def report_data_for(algo: str, key: bytes, nonce: bytes) -> bytes:
+    """Dispatch on ``algo`` (``"ecdsa"`` with an address, ``"ed25519"`` with a public key)."""
+    if algo == "ecdsa":
+        return report_data_for_ecdsa(key, nonce)
+    if algo == "ed25519":
+        return report_data_for_ed25519(key, nonce)
+    raise ReportDataError(f"unknown signing algorithm {algo!r}; expected 'ecdsa' or 'ed25519'")
+
+
+def explain_report_data_mismatch(expected: bytes, actual: bytes, algo: str) -> str | None:
+    """Say which regions of ``actual`` differ from ``expected``, or return None when they are equal.
+
+    Each differing region is named with its byte range, the first differing offset and both
+    values in hex, so an auditor can tell a wrong key from a replayed nonce at a glance.
+    """
+    _require_length("expected report_data", expected, REPORT_DATA_SIZE)
+    _require_length("actual report_data", actual, REPORT_DATA_SIZE)
+    if algo == "ecdsa":
+        regions = _ECDSA_REGIONS
+    elif algo == "ed25519":
+        regions = _ED25519_REGIONS
+    else:
+        raise ReportDataError(f"unknown signing algorithm {algo!r}; expected 'ecdsa' or 'ed25519'")
+    if expected == actual:
+        return None
+    parts = []
+    for name, start, end in regions:
+        want, got = expected[start:end], actual[start:end]
+        if want == got:
+            continue
+        first = start + next(i for i, (a, b) in enumerate(zip(want, got, strict=True)) if a != b)
+        parts.append(f"{name} differs from byte {first}: expected {want.hex()}, quote has {got.hex()}")
+    return "report_data mismatch: " + "; ".join(parts)

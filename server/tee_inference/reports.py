@@ -1,0 +1,143 @@
+"""Attestation reports (SPEC §3): a TDX quote binding key and nonce, GPU evidence, event log.
+
+Collection talks to the kernel, a socket or NVML and can take seconds, so it runs in
+worker threads, never on the event loop. Identical concurrent requests share one
+collection; a caller's nonce is only ever answered with a report for that nonce; reports
+for a server-chosen nonce may be reused for a short time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import anyio.to_thread
+
+from tee_inference.attestation.report_data import report_data_for
+from tee_inference.signing import CompletionSigner
+from tee_inference.tee import GpuProvider, TdxProvider
+
+log = logging.getLogger("tee_inference.reports")
+
+SIGNING_ALGOS = ("ecdsa", "ed25519")
+_NONCE = re.compile(r"[0-9a-fA-F]{64}")
+
+
+class ReportBusy(RuntimeError):
+    """Too many distinct reports are being collected at once."""
+
+
+@dataclass
+class _Flight:
+    done: anyio.Event
+    result: dict[str, Any] | None = None
+    error: BaseException | None = None
+
+
+class AttestationService:
+    def __init__(
+        self,
+        *,
+        tdx: TdxProvider,
+        gpu: GpuProvider,
+        signer: CompletionSigner,
+        info: dict[str, Any],
+        server_nonce_ttl_s: float = 30.0,
+        max_concurrent_collections: int = 4,
+        max_pending: int = 256,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.tdx = tdx
+        self.gpu = gpu
+        self.signer = signer
+        self.info = info
+        self.server_nonce_ttl_s = server_nonce_ttl_s
+        self.max_pending = max_pending
+        self._clock = clock
+        self._limiter = anyio.CapacityLimiter(max_concurrent_collections)
+        self._flights: dict[tuple[bytes | None, str], _Flight] = {}
+        self._cached: dict[str, tuple[float, dict[str, Any]]] = {}
+
+    async def report(self, nonce: bytes | None, algo: str) -> dict[str, Any]:
+        """The report for `nonce` (None: a server-chosen one, possibly a recent one)."""
+        if algo not in SIGNING_ALGOS:
+            raise ValueError(f"signing_algo must be one of {', '.join(SIGNING_ALGOS)}")
+        if nonce is None:
+            cached = self._cached.get(algo)
+            if cached is not None and self._clock() - cached[0] < self.server_nonce_ttl_s:
+                return cached[1]
+        key = (nonce, algo)
+        flight = self._flights.get(key)
+        if flight is None:
+            if len(self._flights) >= self.max_pending:
+                raise ReportBusy("too many attestation reports are being collected; retry shortly")
+            flight = _Flight(anyio.Event())
+            self._flights[key] = flight
+            try:
+                chosen = nonce if nonce is not None else secrets.token_bytes(32)
+                flight.result = await self._collect_in_thread(chosen, algo)
+                if nonce is None:
+                    self._cached[algo] = (self._clock(), flight.result)
+            except Exception as exc:
+                flight.error = exc
+                raise
+            finally:
+                del self._flights[key]
+                flight.done.set()
+            return flight.result
+        await flight.done.wait()
+        if flight.error is not None:
+            raise flight.error
+        assert flight.result is not None
+        return flight.result
+
+    async def _collect_in_thread(self, nonce: bytes, algo: str) -> dict[str, Any]:
+        async with self._limiter:
+            return await anyio.to_thread.run_sync(self.collect, nonce, algo)
+
+    def collect(self, nonce: bytes, algo: str) -> dict[str, Any]:
+        """One report, collected synchronously (blocking calls to the providers)."""
+        if len(nonce) != 32:
+            raise ValueError("the nonce is 32 bytes")
+        started = time.perf_counter()
+        if algo == "ecdsa":
+            public_key = self.signer.ecdsa.public_key
+            report_data = report_data_for("ecdsa", bytes.fromhex(self.signer.ecdsa.address[2:]), nonce)
+        else:
+            public_key = self.signer.ed25519.public_key
+            report_data = report_data_for("ed25519", public_key, nonce)
+        quote = self.tdx.get_quote(report_data)
+        events = self.tdx.event_log()
+        gpu_payload = self.gpu.evidence(nonce)
+        node = {
+            "signing_address": self.signer.ecdsa.address,
+            "signing_algo": algo,
+            "signing_public_key": public_key.hex(),
+            "request_nonce": nonce.hex(),
+            "intel_quote": quote.hex(),
+            "nvidia_payload": gpu_payload.to_json(),
+            "event_log": [event.to_dict() for event in events],
+            "info": self.info,
+        }
+        log.info("attestation report collected in %.3f s", time.perf_counter() - started)
+        return {**node, "all_attestations": [node]}
+
+
+def parse_nonce(value: str | None) -> bytes | None:
+    """A caller's nonce: exactly 64 hex characters (32 bytes). Raises ValueError otherwise."""
+    if value is None:
+        return None
+    if _NONCE.fullmatch(value) is None:
+        raise ValueError("nonce must be 64 hex characters (32 bytes)")
+    return bytes.fromhex(value)
+
+
+def report_json(report: dict[str, Any]) -> bytes:
+    return json.dumps(report, separators=(",", ":")).encode("utf-8")

@@ -1,0 +1,67 @@
+"""Trust roots behind small interfaces, each with a real and a simulated implementation.
+
+- `TdxProvider`: TDX quotes over a 64-byte report_data, RTMR3 events and the event log
+  that replays to RTMR0–3 (real: configfs-tsm + the TDX guest device, or the dstack guest
+  agent; simulated: `tee.simulated`).
+- `GpuProvider`: NVIDIA confidential-computing state and per-GPU evidence for a nonce
+  (real: NVML; simulated: SPDM-shaped evidence signed by a simulated device chain).
+- Key sources live in `tee_inference.keys` (random, file, dstack).
+
+Providers are synchronous and may block (kernel interfaces, sockets, NVML): the server
+calls them from worker threads, never on the event loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from tee_inference.attestation.eventlog import Event
+from tee_inference.attestation.nvidia import NvidiaPayload
+
+
+class TrustRootError(RuntimeError):
+    """A trust root is missing or failed; the message is one line a person can act on."""
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """One fail-closed start check: `ok`, and a one-line reason when not."""
+
+    name: str
+    ok: bool
+    detail: str
+
+
+class TdxProvider(Protocol):
+    name: str
+    simulated: bool
+
+    def check(self) -> list[CheckResult]:
+        """Everything this provider needs, checked before the server listens."""
+        ...
+
+    def get_quote(self, report_data: bytes) -> bytes:
+        """A TDX v4 quote whose report_data is exactly these 64 bytes."""
+        ...
+
+    def emit_event(self, name: str, payload: bytes) -> Event:
+        """Extend RTMR3 with a runtime event (dstack digest convention) and log it."""
+        ...
+
+    def event_log(self) -> list[Event]:
+        """The events that replay to RTMR0–3 of a quote taken now."""
+        ...
+
+
+class GpuProvider(Protocol):
+    name: str
+    simulated: bool
+
+    def check(self) -> list[CheckResult]:
+        """Per GPU: present, confidential computing on, devtools off, ready."""
+        ...
+
+    def evidence(self, nonce: bytes) -> NvidiaPayload:
+        """Evidence from every GPU for this 32-byte nonce, in NRAS v3 payload form."""
+        ...

@@ -1,0 +1,311 @@
+"""GPU trust roots: NVIDIA confidential-computing state and per-GPU evidence.
+
+`NvmlGpuProvider` asks the driver through NVML (nvidia-ml-py, an optional extra imported only
+when a method runs, so the core install and the simulated mode never need it).
+`SimulatedGpuProvider` answers with `SimulatedGpu` evidence: the same SPDM bytes and a
+five-certificate P-384 chain, under a root whose names all say SIMULATED.
+
+Both produce an `NvidiaPayload` (SPEC §3's ``nvidia_payload``): one entry per GPU, each the raw
+attestation report for the caller's 32-byte nonce and the device's certificate chain as PEM.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib
+import os
+from collections.abc import Callable, Iterator
+from typing import Any, Final
+
+from tee_inference.attestation.nvidia import (
+    GpuAttestationError,
+    GpuEvidenceEntry,
+    NvidiaPayload,
+    SimulatedGpu,
+    decode_certificate_chain,
+    parse_gpu_evidence,
+)
+from tee_inference.tee import CheckResult, TrustRootError
+
+NONCE_SIZE: Final = 32
+NVML_MISSING: Final = "nvidia-ml-py is not installed"
+# nvmlDeviceGetArchitecture values (NVML_DEVICE_ARCH_*) that have confidential computing, by
+# the name NRAS expects in ``arch``. Pinned here so that the mapping does not need pynvml.
+NRAS_ARCH: Final = {9: "HOPPER", 10: "BLACKWELL"}
+# NVML_CC_SYSTEM_* and NVML_CC_* values, likewise pinned (they are part of NVML's C ABI).
+_CC_FEATURE_ENABLED: Final = 1
+_DEVTOOLS_ON: Final = 1
+_READY_TRUE: Final = 1
+_GPUS_CC_CAPABLE: Final = 1
+_ENVIRONMENTS: Final = {0: "UNAVAILABLE", 1: "SIM", 2: "PROD"}
+_ENVIRONMENT_PROD: Final = 2
+_CPU_CAPS: Final = {0: "none", 1: "AMD SEV", 2: "Intel TDX", 3: "AMD SEV-SNP", 4: "AMD SNP vTOM"}
+_PEM_BEGIN: Final = b"-----BEGIN CERTIFICATE-----"
+
+
+class NvmlUnavailableError(TrustRootError):
+    """nvidia-ml-py is missing, or NVML could not start (no driver, no library)."""
+
+
+class NvmlCallError(TrustRootError):
+    """An NVML call failed; keeps NVML's error class name and code for the log and the tests."""
+
+    def __init__(self, call: str, error_name: str, code: int | None, text: str, gpu: int | None) -> None:
+        where = f"GPU {gpu}: " if gpu is not None else ""
+        shown = f"{error_name} ({code})" if code is not None else error_name
+        super().__init__(f"{where}{call} failed: {shown}{': ' + text if text else ''}")
+        self.call = call
+        self.error_name = error_name
+        self.code = code
+        self.gpu = gpu
+
+
+class GpuNotConfidentialError(TrustRootError):
+    """The GPUs are not in confidential-computing mode, so they cannot attest."""
+
+
+class GpuEvidenceError(TrustRootError):
+    """NVML answered, but with evidence that cannot be what was asked for."""
+
+
+def _nvml_error(call: str, exc: BaseException, gpu: int | None) -> NvmlCallError:
+    code = getattr(exc, "value", None)
+    try:
+        # pynvml's __str__ asks the library for codes it has no text for; never let that mask us.
+        text = str(exc)
+    except Exception:
+        text = ""
+    return NvmlCallError(call, type(exc).__name__, code if isinstance(code, int) else None, text, gpu)
+
+
+def _check_nonce(nonce: bytes) -> bytes:
+    if not isinstance(nonce, bytes | bytearray | memoryview) or len(nonce) != NONCE_SIZE:
+        size = len(nonce) if isinstance(nonce, bytes | bytearray | memoryview) else type(nonce).__name__
+        raise ValueError(f"GPU evidence nonce must be {NONCE_SIZE} bytes, got {size}")
+    return bytes(nonce)
+
+
+def _sized(array: Any, size: int, what: str, gpu: int) -> bytes:
+    """The first ``size`` bytes of a fixed ctypes array that NVML filled, checking the size."""
+    data = bytes(array)
+    if not 0 < size <= len(data):
+        raise GpuEvidenceError(f"GPU {gpu}: NVML reported a {what} of {size} bytes (buffer {len(data)})")
+    return data[:size]
+
+
+class NvmlGpuProvider:
+    """Real GPUs through NVML: CC state checks, and evidence for a nonce from every GPU.
+
+    ``nvml`` is the pynvml module; tests pass a stand-in with the same functions, structures and
+    error classes. Every call opens its own NVML session (init ... shutdown): NVML counts
+    references, so concurrent calls from worker threads do not tear each other's session down.
+    """
+
+    name = "nvml"
+    simulated = False
+
+    def __init__(self, nvml: Any = None) -> None:
+        self._nvml = nvml
+
+    def _module(self) -> Any:
+        if self._nvml is None:
+            try:
+                self._nvml = importlib.import_module("pynvml")
+            except ImportError:
+                raise NvmlUnavailableError(
+                    f"{NVML_MISSING}: install it (pip install nvidia-ml-py) to use NVIDIA GPUs"
+                ) from None
+        return self._nvml
+
+    def _call(self, nvml: Any, call: str, *args: Any, gpu: int | None = None) -> Any:
+        try:
+            function: Callable[..., Any] = getattr(nvml, call)
+        except AttributeError:
+            # An nvidia-ml-py older than the driver's confidential-computing API (12.535).
+            raise NvmlUnavailableError(f"nvidia-ml-py has no {call}: upgrade nvidia-ml-py") from None
+        try:
+            return function(*args)
+        except nvml.NVMLError as exc:
+            raise _nvml_error(call, exc, gpu) from None
+
+    @contextlib.contextmanager
+    def _session(self) -> Iterator[Any]:
+        nvml = self._module()
+        try:
+            nvml.nvmlInit()
+        except nvml.NVMLError as exc:
+            raise NvmlUnavailableError(f"NVML did not start: {_nvml_error('nvmlInit', exc, None)}") from None
+        try:
+            yield nvml
+        finally:
+            # A failed shutdown leaves nothing to undo; the original error, if any, matters more.
+            with contextlib.suppress(nvml.NVMLError):
+                nvml.nvmlShutdown()
+
+    # Checks -----------------------------------------------------------------------------------
+
+    def check(self) -> list[CheckResult]:
+        """One line per condition: NVML, environment, capabilities, then per GPU CC, devtools, ready."""
+        try:
+            with self._session() as nvml:
+                return self._checks(nvml)
+        except TrustRootError as exc:
+            return [CheckResult("nvml", False, str(exc))]
+
+    def _checks(self, nvml: Any) -> list[CheckResult]:
+        driver = self._call(nvml, "nvmlSystemGetDriverVersion")
+        results = [
+            CheckResult("nvml", True, f"NVML {self._call(nvml, 'nvmlSystemGetNVMLVersion')}, driver {driver}")
+        ]
+        count = int(self._call(nvml, "nvmlDeviceGetCount"))
+        if count == 0:
+            return [*results, CheckResult("gpu", False, "no NVIDIA GPU found")]
+        state = self._call(nvml, "nvmlSystemGetConfComputeState")
+        caps = self._call(nvml, "nvmlSystemGetConfComputeCapabilities")
+        ready = int(self._call(nvml, "nvmlSystemGetConfComputeGpusReadyState"))
+
+        environment = int(state.environment)
+        env_name = _ENVIRONMENTS.get(environment, f"unknown ({environment})")
+        results.append(
+            CheckResult(
+                "gpu.environment",
+                environment == _ENVIRONMENT_PROD,
+                f"confidential-computing environment is {env_name}"
+                + ("" if environment == _ENVIRONMENT_PROD else ", not PROD"),
+            )
+        )
+        cpu = _CPU_CAPS.get(int(caps.cpuCaps), f"unknown ({int(caps.cpuCaps)})")
+        capable = int(caps.gpusCaps) == _GPUS_CC_CAPABLE
+        results.append(
+            CheckResult(
+                "gpu.capabilities",
+                capable,
+                f"GPUs {'are' if capable else 'are not'} confidential-computing capable (CPU TEE: {cpu})",
+            )
+        )
+        cc_on = int(state.ccFeature) == _CC_FEATURE_ENABLED
+        devtools = int(state.devToolsMode) == _DEVTOOLS_ON
+        for gpu in range(count):
+            # The CC, devtools and ready states are system-wide in NVML; a line per GPU says
+            # which devices the refusal covers.
+            results += [
+                CheckResult(
+                    f"gpu{gpu}.cc", cc_on, f"GPU {gpu}: confidential computing is {'on' if cc_on else 'off'}"
+                ),
+                CheckResult(
+                    f"gpu{gpu}.devtools",
+                    not devtools,
+                    f"GPU {gpu}: devtools mode is {'on' if devtools else 'off'}",
+                ),
+                CheckResult(
+                    f"gpu{gpu}.ready",
+                    ready == _READY_TRUE,
+                    f"GPU {gpu}: ready"
+                    if ready == _READY_TRUE
+                    else f"GPU {gpu}: not ready (NVML ready state {ready}: not accepting work)",
+                ),
+            ]
+        if cc_on:
+            # A state that looks right is not enough: fail closed unless evidence really comes.
+            try:
+                payload = self._collect(nvml, os.urandom(NONCE_SIZE))
+                detail = f"evidence obtained from {len(payload.entries)} GPU(s), nonce matched"
+                results.append(CheckResult("gpu.evidence", True, detail))
+            except TrustRootError as exc:
+                results.append(CheckResult("gpu.evidence", False, str(exc)))
+        return results
+
+    # Evidence ---------------------------------------------------------------------------------
+
+    def evidence(self, nonce: bytes) -> NvidiaPayload:
+        """Evidence from every GPU for this 32-byte nonce; raises a `TrustRootError` otherwise."""
+        nonce = _check_nonce(nonce)
+        with self._session() as nvml:
+            return self._collect(nvml, nonce)
+
+    def _collect(self, nvml: Any, nonce: bytes) -> NvidiaPayload:
+        state = self._call(nvml, "nvmlSystemGetConfComputeState")
+        if int(state.ccFeature) != _CC_FEATURE_ENABLED:
+            # Without CC the driver answers the report call with an opaque NVMLError_Unknown.
+            raise GpuNotConfidentialError(
+                "confidential computing is off (NVML ccFeature 0): the GPUs cannot produce evidence"
+            )
+        count = int(self._call(nvml, "nvmlDeviceGetCount"))
+        if count == 0:
+            raise GpuEvidenceError("no NVIDIA GPU found")
+        entries = tuple(self._entry(nvml, gpu, nonce) for gpu in range(count))
+        arches = {entry.arch for entry in entries}
+        if len(arches) != 1:
+            raise GpuEvidenceError(f"GPUs of different architectures ({', '.join(sorted(arches))})")
+        return NvidiaPayload(nonce=nonce, entries=entries, arch=entries[0].arch)
+
+    def _entry(self, nvml: Any, gpu: int, nonce: bytes) -> GpuEvidenceEntry:
+        handle = self._call(nvml, "nvmlDeviceGetHandleByIndex", gpu, gpu=gpu)
+        arch_code = int(self._call(nvml, "nvmlDeviceGetArchitecture", handle, gpu=gpu))
+        arch = NRAS_ARCH.get(arch_code)
+        if arch is None:
+            raise GpuEvidenceError(f"GPU {gpu}: architecture {arch_code} has no confidential computing")
+
+        report = self._call(nvml, "nvmlDeviceGetConfComputeGpuAttestationReport", handle, nonce, gpu=gpu)
+        evidence = _sized(
+            report.attestationReport, int(report.attestationReportSize), "attestation report", gpu
+        )
+        certificate = self._call(nvml, "nvmlDeviceGetConfComputeGpuCertificate", handle, gpu=gpu)
+        # attestationCertChain is the chain of the key that signs the attestation report (PEM,
+        # leaf first); certChain is another chain that NRAS does not take.
+        chain = _sized(
+            certificate.attestationCertChain,
+            int(certificate.attestationCertChainSize),
+            "attestation certificate chain",
+            gpu,
+        ).rstrip(b"\x00")
+
+        try:
+            parsed = parse_gpu_evidence(evidence)
+            certificates = decode_certificate_chain(chain) if _PEM_BEGIN in chain else []
+        except GpuAttestationError as exc:
+            raise GpuEvidenceError(f"GPU {gpu}: {exc}") from None
+        if parsed.request_nonce != nonce:
+            raise GpuEvidenceError(
+                f"GPU {gpu}: the attestation report answers nonce {parsed.request_nonce.hex()}, "
+                f"not the requested {nonce.hex()}"
+            )
+        if not certificates:
+            raise GpuEvidenceError(f"GPU {gpu}: the attestation certificate chain holds no PEM certificate")
+        return GpuEvidenceEntry(evidence=evidence, certificate_chain_pem=chain, arch=arch)
+
+
+class SimulatedGpuProvider:
+    """``gpu_count`` simulated GPUs; with a 32-byte ``seed`` their keys and evidence are fixed."""
+
+    name = "simulated"
+    simulated = True
+
+    def __init__(self, seed: bytes | None = None, *, gpu_count: int = 1) -> None:
+        if gpu_count < 1:
+            raise ValueError(f"gpu_count must be at least 1, got {gpu_count}")
+        if seed is not None and len(seed) != 32:
+            raise ValueError(f"seed must be 32 bytes, got {len(seed)}")
+        self._gpus = tuple(
+            # Each GPU gets its own device chain, as real boards do.
+            SimulatedGpu(
+                hashlib.sha256(bytes(seed) + index.to_bytes(4, "big")).digest() if seed is not None else None
+            )
+            for index in range(gpu_count)
+        )
+
+    @property
+    def gpus(self) -> tuple[SimulatedGpu, ...]:
+        """The simulated devices, for tests and verifiers that need their root certificates."""
+        return self._gpus
+
+    def check(self) -> list[CheckResult]:
+        return [CheckResult("gpu", True, "simulated")]
+
+    def evidence(self, nonce: bytes) -> NvidiaPayload:
+        nonce = _check_nonce(nonce)
+        entries = tuple(
+            GpuEvidenceEntry(gpu.evidence(nonce), gpu.certificate_chain_pem()) for gpu in self._gpus
+        )
+        return NvidiaPayload(nonce=nonce, entries=entries)

@@ -1,0 +1,44 @@
+"""A simulated TDX provider: real quote layout and event-log replay, signed by a local SIMULATED key.
+
+Everything a verifier checks structurally holds (report_data at offset 568, RTMR0–3 equal to the
+replay of the event log, an ECDSA-P256 quote signature under a PCK-shaped chain); the chain's root
+is a local simulation root, so a verifier accepts it only when told to allow simulated reports.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Final
+
+from tee_inference.attestation.eventlog import Event, EventLog, runtime_event, simulated_boot_events
+from tee_inference.attestation.tdx_quote import SimulatedQuoteSigner
+from tee_inference.tee import CheckResult
+
+SIMULATED_MRTD: Final = hashlib.sha384(b"tee-inference SIMULATED MRTD").digest()
+
+
+class SimulatedTdxProvider:
+    name = "simulated"
+    simulated = True
+
+    def __init__(self, seed: bytes | None = None) -> None:
+        """A fresh simulated machine per boot unless ``seed`` (32 bytes) makes it reproducible."""
+        self.seed = seed if seed is not None else os.urandom(32)
+        self.signer = SimulatedQuoteSigner(self.seed)
+        # EventLog is safe across threads; a quote reads the registers from one snapshot of it.
+        self._log = EventLog(simulated_boot_events(self.seed))
+
+    def check(self) -> list[CheckResult]:
+        return [CheckResult("tdx", True, "simulated")]
+
+    def get_quote(self, report_data: bytes) -> bytes:
+        if len(report_data) != 64:
+            raise ValueError(f"report_data must be 64 bytes, got {len(report_data)}")
+        return self.signer.quote(report_data, mrtd=SIMULATED_MRTD, rtmrs=self._log.rtmrs())
+
+    def emit_event(self, name: str, payload: bytes) -> Event:
+        return self._log.append(runtime_event(name, payload))
+
+    def event_log(self) -> list[Event]:
+        return list(self._log.events)

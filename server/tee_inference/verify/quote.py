@@ -1,0 +1,198 @@
+"""TDX quote checks: structure (our strict parser), signatures and TCB (dcap-qvl), TD attributes.
+
+dcap-qvl does the Intel part (PCK chain with CRLs, QE identity, TCB info, validity window) and
+is never re-implemented here. It ignores bytes after the signature data, so the strict parser
+always runs too; and without collateral the in-quote ECDSA chain is still checked offline against
+the pinned Intel root, so an offline run says what it did check and what it skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import dcap_qvl
+from cryptography import x509
+
+from tee_inference.attestation.tdx_quote import (
+    Quote,
+    QuoteFormatError,
+    QuoteSignatureError,
+    is_simulated_quote,
+    load_pck_chain,
+    load_quote,
+    td_debug,
+    verify_quote_ecdsa,
+)
+from tee_inference.verify.policy import VerificationPolicy
+from tee_inference.verify.results import CheckResult, VerificationError
+from tee_inference.verify.trust import subject
+
+QUOTE_STRUCTURE, QUOTE_SIGNATURE, TCB_STATUS, TD_ATTRIBUTES = (
+    "quote_structure", "quote_signature", "tcb_status", "td_attributes",
+)  # fmt: skip
+SIMULATED_HINT = "pass --allow-simulated to accept simulated evidence for testing"
+
+
+def load_collateral(source: str | Path) -> Any:
+    """dcap-qvl collateral (QuoteCollateralV3) from a JSON file, or raise VerificationError."""
+    try:
+        text = Path(source).read_text()
+    except OSError as exc:
+        raise VerificationError(f"cannot read collateral {source}: {exc}") from None
+    return parse_collateral(text, origin=str(source))
+
+
+def parse_collateral(text: str, *, origin: str = "<text>") -> Any:
+    try:
+        return dcap_qvl.QuoteCollateralV3.from_json(text)
+    except (ValueError, TypeError) as exc:
+        raise VerificationError(f"{origin} is not QuoteCollateralV3 JSON: {exc}") from None
+
+
+def fetch_collateral(pccs_url: str, raw_quote: bytes) -> Any:  # pragma: no cover - network
+    """Collateral for this quote's FMSPC from a PCCS (online; never used by the tests)."""
+    try:
+        return asyncio.run(dcap_qvl.get_collateral(pccs_url, raw_quote))
+    except (ValueError, RuntimeError, OSError) as exc:
+        raise VerificationError(f"cannot fetch collateral from {pccs_url}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class QuoteChecks:
+    """The quote (when it parsed), its checks, and what dcap-qvl said."""
+
+    quote: Quote | None
+    checks: tuple[CheckResult, ...]
+    simulated: bool
+    tcb_status: str | None = None
+
+
+def _iso(now: int) -> str:
+    return datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _offline(quote: Quote, root: x509.Certificate) -> str | None:
+    """None when the in-quote chain holds under ``root``, else the failing step and why."""
+    try:
+        verify_quote_ecdsa(quote, root)
+    except QuoteSignatureError as exc:
+        return str(exc)
+    return None
+
+
+def _simulated_checks(quote: Quote, policy: VerificationPolicy) -> list[CheckResult]:
+    root = load_pck_chain(quote.pck_chain_pem or b"")[-1]
+    if not policy.simulated.allowed:
+        return [
+            CheckResult.failed(
+                QUOTE_SIGNATURE,
+                f"the PCK chain ends at {subject(root)!r}: this quote comes from a simulator, not a "
+                f"TDX CPU; {SIMULATED_HINT}",
+            ),
+            CheckResult.skipped(TCB_STATUS, "a simulated quote has no Intel TCB"),
+        ]
+    problem = _offline(quote, root)
+    if problem:
+        return [
+            CheckResult.failed(QUOTE_SIGNATURE, f"simulated quote does not verify: {problem}"),
+            CheckResult.skipped(TCB_STATUS, "a simulated quote has no Intel TCB", required=False),
+        ]
+    return [
+        CheckResult.passed(
+            QUOTE_SIGNATURE,
+            f"SIMULATED: signed under the quote's own root {subject(root)!r} (accepted by "
+            "--allow-simulated; nothing here is hardware-backed)",
+        ),
+        CheckResult.skipped(TCB_STATUS, "a simulated quote has no Intel TCB", required=False),
+    ]
+
+
+def _intel_checks(
+    quote: Quote, policy: VerificationPolicy, intel_root: x509.Certificate, collateral: Any, now: int
+) -> tuple[list[CheckResult], str | None]:
+    offline = _offline(quote, intel_root)
+    offline_text = (
+        f"offline check failed: {offline}"
+        if offline
+        else f"offline: PCK chain to the pinned {subject(intel_root)}, QE report, attestation key and "
+        "quote signature hold"
+    )
+    if collateral is None:
+        sig = (
+            CheckResult.failed(QUOTE_SIGNATURE, offline_text)
+            if offline
+            else CheckResult.passed(QUOTE_SIGNATURE, f"{offline_text}; CRLs not checked (no collateral)")
+        )
+        tcb = CheckResult.skipped(
+            TCB_STATUS,
+            "no collateral: give --collateral FILE or --pccs-url URL "
+            "(--allow-missing-collateral accepts this skip)",
+        )
+        return [sig, tcb], None
+    try:
+        report = dcap_qvl.verify(quote.raw, collateral, now)
+    except ValueError as exc:
+        detail = f"dcap-qvl at {_iso(now)}: {exc}".replace("\n\n", ": ").replace("\n", " ")
+        return [
+            CheckResult.failed(QUOTE_SIGNATURE, f"{detail}; {offline_text}"),
+            CheckResult.skipped(TCB_STATUS, "not evaluated: the quote did not verify with the collateral"),
+        ], None
+    status, advisories = str(report.status), [str(a) for a in report.advisory_ids]
+    if offline:
+        # dcap-qvl accepted what our parser's chain check rejects: report it, never pass silently.
+        sig = CheckResult.failed(QUOTE_SIGNATURE, f"dcap-qvl accepted the quote but {offline_text}")
+    else:
+        sig = CheckResult.passed(
+            QUOTE_SIGNATURE,
+            f"dcap-qvl with collateral at {_iso(now)}: PCK chain, CRLs, QE identity and signatures valid; "
+            f"{offline_text}",
+        )
+    return [sig, policy.tcb.evaluate(status, advisories)], status
+
+
+def check_quote(
+    raw: bytes | str,
+    policy: VerificationPolicy,
+    *,
+    intel_root: x509.Certificate,
+    collateral: Any = None,
+    now: int | None = None,
+) -> QuoteChecks:
+    """Run quote_structure, quote_signature, tcb_status and td_attributes on one quote."""
+    try:
+        quote = load_quote(raw)
+    except QuoteFormatError as exc:
+        skip = "quote did not parse"
+        return QuoteChecks(None, (
+            CheckResult.failed(QUOTE_STRUCTURE, str(exc)),
+            CheckResult.skipped(QUOTE_SIGNATURE, skip), CheckResult.skipped(TCB_STATUS, skip),
+            CheckResult.skipped(TD_ATTRIBUTES, skip),
+        ), simulated=False)  # fmt: skip
+    structure = CheckResult.passed(
+        QUOTE_STRUCTURE,
+        f"TDX v4, {len(quote.raw)} bytes, sig_data_len {quote.sig_data_len}, "
+        f"{quote.padding_length} zero padding bytes",
+    )
+    simulated = is_simulated_quote(quote)
+    tcb_status = None
+    if simulated:
+        sig_checks = _simulated_checks(quote, policy)
+    else:
+        when = int(time.time()) if now is None else now
+        sig_checks, tcb_status = _intel_checks(quote, policy, intel_root, collateral, when)
+    attributes = quote.td_report.td_attributes.hex()
+    if td_debug(quote.td_report):
+        debug = f"td_attributes {attributes}: DEBUG is set, the host can read the TD's memory"
+        td = (
+            CheckResult.passed(TD_ATTRIBUTES, f"{debug} (allowed by policy)")
+            if policy.allow_debug
+            else CheckResult.failed(TD_ATTRIBUTES, debug)
+        )
+    else:
+        td = CheckResult.passed(TD_ATTRIBUTES, f"td_attributes {attributes}: not a debug TD")
+    return QuoteChecks(quote, (structure, *sig_checks, td), simulated, tcb_status)

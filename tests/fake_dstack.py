@@ -1,0 +1,168 @@
+"""A fake dstack guest agent: a real HTTP/1.1 server (uvicorn) on a Unix socket, same protocol.
+
+Routes and fields follow Dstack-TEE/dstack guest-agent/rpc/proto/agent_rpc.proto and
+sdk/curl/api.md: POST ``/GetQuote``, ``/GetKey``, ``/Info``, ``/EmitEvent`` (and the legacy
+``/prpc/Tappd.TdxQuote``, ``/prpc/Tappd.DeriveK256Key``, ``/prpc/Tappd.Info``), JSON bodies with
+bytes as hex. Behind it, a simulated machine: SimulatedQuoteSigner quotes whose RTMRs are the
+replay of its event log, and EmitEvent extends its RTMR3 with dstack's digest convention.
+``fail_next`` makes the next request answer with a given status and raw body.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from tee_inference.attestation.eventlog import EventLog, simulated_boot_events
+from tee_inference.attestation.tdx_quote import SimulatedQuoteSigner
+
+FAKE_MRTD = hashlib.sha384(b"fake dstack MRTD").digest()
+
+
+class FakeDstackAgent:
+    def __init__(self, seed: bytes = bytes(32)) -> None:
+        self.seed = seed
+        self.signer = SimulatedQuoteSigner(seed)
+        self.log = EventLog(simulated_boot_events(seed))
+        for name, payload in (("system-preparing", b""), ("app-id", bytes(20)), ("system-ready", b"")):
+            self.log.append_runtime_event(name, payload)
+        self.fail_next: tuple[int, bytes] | None = None
+        self.requests: list[tuple[str, dict[str, Any]]] = []
+        self.app = Starlette(
+            routes=[
+                Route("/GetQuote", self._get_quote, methods=["POST"]),
+                Route("/GetKey", self._get_key, methods=["POST"]),
+                Route("/Info", self._info, methods=["POST", "GET"]),
+                Route("/EmitEvent", self._emit_event, methods=["POST"]),
+                Route("/prpc/Tappd.TdxQuote", self._tappd_quote, methods=["POST"]),
+                Route("/prpc/Tappd.DeriveK256Key", self._tappd_key, methods=["POST"]),
+                Route("/prpc/Tappd.Info", self._info, methods=["POST"]),
+            ]
+        )
+
+    def key_for(self, path: str, purpose: str) -> bytes:
+        return hmac.new(self.seed, f"{path}\0{purpose}".encode(), hashlib.sha256).digest()
+
+    async def _body(self, request: Request) -> dict[str, Any] | Response:
+        raw = await request.body()
+        body = json.loads(raw) if raw else {}
+        self.requests.append((request.url.path, body))
+        if self.fail_next is not None:
+            status, content = self.fail_next
+            self.fail_next = None
+            return Response(content, status_code=status, media_type="application/json")
+        return body  # type: ignore[no-any-return]
+
+    def _quote(self, report_data_hex: str) -> dict[str, Any]:
+        report_data = bytes.fromhex(report_data_hex).ljust(64, b"\0")  # "padding with 0s" (api.md)
+        events = self.log.events
+        rtmrs = EventLog(events).rtmrs()
+        quote = self.signer.quote(report_data, mrtd=FAKE_MRTD, rtmrs=rtmrs)
+        return {
+            "quote": quote.hex(),
+            "event_log": json.dumps([e.to_dict() for e in events]),
+            "report_data": report_data.hex(),
+            "vm_config": "{}",
+        }
+
+    async def _get_quote(self, request: Request) -> Response:
+        body = await self._body(request)
+        if isinstance(body, Response):
+            return body
+        if len(body.get("report_data", "")) > 128:
+            return JSONResponse({"error": "report_data must be at most 64 bytes"}, status_code=400)
+        return JSONResponse(self._quote(body.get("report_data", "")))
+
+    async def _tappd_quote(self, request: Request) -> Response:
+        body = await self._body(request)
+        if isinstance(body, Response):
+            return body
+        if body.get("hash_algorithm") != "raw":
+            return JSONResponse({"error": "this fake only implements hash_algorithm raw"}, status_code=400)
+        reply = self._quote(body["report_data"])
+        return JSONResponse(
+            {"quote": reply["quote"], "event_log": reply["event_log"], "hash_algorithm": "raw"}
+        )
+
+    async def _get_key(self, request: Request) -> Response:
+        body = await self._body(request)
+        if isinstance(body, Response):
+            return body
+        key = self.key_for(body.get("path", ""), body.get("purpose", ""))
+        return JSONResponse(
+            {"key": key.hex(), "signature_chain": [hashlib.sha256(key).hexdigest(), "00" * 65]}
+        )
+
+    async def _tappd_key(self, request: Request) -> Response:
+        body = await self._body(request)
+        if isinstance(body, Response):
+            return body
+        key = self.key_for(body.get("path", ""), body.get("purpose", ""))
+        return JSONResponse({"k256_key": key.hex(), "k256_signature_chain": ["00" * 65]})
+
+    async def _info(self, request: Request) -> Response:
+        body = await self._body(request)
+        if isinstance(body, Response):
+            return body
+        rtmrs = self.log.rtmrs()
+        tcb_info = {
+            "mrtd": FAKE_MRTD.hex(),
+            **{f"rtmr{i}": rtmrs[i].hex() for i in range(4)},
+            "event_log": self.log.to_list(),
+        }
+        return JSONResponse(
+            {
+                "app_id": "00" * 20,
+                "instance_id": "11" * 20,
+                "app_cert": "",
+                "tcb_info": json.dumps(tcb_info),
+                "app_name": "fake",
+                "device_id": "22" * 32,
+                "os_image_hash": "33" * 32,
+                "key_provider_info": '{"name":"fake"}',
+                "compose_hash": "44" * 32,
+                "vm_config": "{}",
+            }
+        )
+
+    async def _emit_event(self, request: Request) -> Response:
+        body = await self._body(request)
+        if isinstance(body, Response):
+            return body
+        if not body.get("event"):
+            return JSONResponse({"error": "event name is empty"}, status_code=400)
+        self.log.append_runtime_event(body["event"], bytes.fromhex(body.get("payload", "")))
+        return Response(b"", status_code=200)
+
+
+@contextmanager
+def serve_fake_dstack(socket_path: Path, agent: FakeDstackAgent | None = None) -> Iterator[FakeDstackAgent]:
+    """Run the fake agent on ``socket_path`` in a thread for the duration of the block."""
+    agent = agent or FakeDstackAgent()
+    config = uvicorn.Config(agent.app, uds=str(socket_path), log_level="warning", lifespan="off")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError(f"fake dstack agent did not start on {socket_path}")
+        time.sleep(0.01)
+    try:
+        yield agent
+    finally:
+        server.should_exit = True
+        thread.join(10)

@@ -1,0 +1,109 @@
+"""The same signed-serving checks against a real vLLM engine (CPU build here).
+
+Slow (each deployment starts vLLM: ~30-40 s) and run by `make test-slow`, which builds the
+engine venv and the model and passes their paths in the environment. Two deployments:
+the middleware loaded inside vLLM (`--middleware`, the production default) and vLLM on a
+private port behind the standalone proxy.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from servers import free_port
+from signed_client import signed_completion
+
+pytestmark = pytest.mark.slow
+
+MODEL = "SmolLM2-135M-Instruct"
+CONFORMANCE = Path(__file__).resolve().parents[2] / "shared" / "conformance" / "check.py"
+
+
+def _paths() -> tuple[Path, Path]:
+    venv, model = os.environ.get("TEE_INFERENCE_ENGINE_VENV"), os.environ.get("TEE_INFERENCE_TEST_MODEL")
+    if not venv or not model:
+        pytest.fail("run through `make test-slow`: it builds the engine venv and the model and sets their paths")
+    return Path(venv), Path(model)
+
+
+@pytest.fixture(scope="module", params=["in-process", "proxy"])
+def vllm_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    venv, model = _paths()
+    port = free_port()
+    command = [str(venv / "bin" / "tee-inference"), "serve", "--engine", "vllm", "--tee", "simulated",
+               "--model", str(model), "--port", str(port), "--build-dir", str(Path("build").resolve())]  # fmt: skip
+    if request.param == "proxy":
+        command.append("--proxy")
+    log = tmp_path_factory.mktemp("vllm") / "server.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 420
+            while True:
+                if process.poll() is not None:
+                    pytest.fail(f"server exited with {process.returncode}:\n{log.read_text()[-4000:]}")
+                if time.monotonic() > deadline:
+                    pytest.fail(f"server not healthy in time:\n{log.read_text()[-4000:]}")
+                try:
+                    if httpx.get(url + "/v1/models", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                time.sleep(1)
+            yield url
+        finally:
+            os.killpg(process.pid, 15)
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, 9)
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Say hi é 漢字"}], "max_tokens": 8}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Count to 5"}], "max_tokens": 12,
+                                  "stream": True, "stream_options": {"include_usage": True}}),
+        ("/v1/completions", {"prompt": "The sky is", "max_tokens": 6}),
+        ("/v1/completions", {"prompt": "Once upon", "max_tokens": 6, "stream": True}),
+    ],
+)  # fmt: skip
+def test_signed_completion_from_real_vllm(vllm_server: str, path: str, body: dict) -> None:
+    with httpx.Client(base_url=vllm_server, timeout=120) as client:
+        signed = signed_completion(client, path, body, MODEL)
+    assert signed.completion_id.startswith(("chatcmpl-", "cmpl-"))
+
+
+def test_openai_sdk_gets_the_right_answer(vllm_server: str) -> None:
+    client = openai.OpenAI(base_url=vllm_server + "/v1", api_key="unused", timeout=120)
+    answer = client.chat.completions.create(
+        model=MODEL, temperature=0, max_tokens=16,
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+    )  # fmt: skip
+    assert "Paris" in (answer.choices[0].message.content or "")
+    pieces = client.chat.completions.create(
+        model=MODEL, temperature=0, max_tokens=16, stream=True,
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+    )  # fmt: skip
+    assert "Paris" in "".join(p.choices[0].delta.content or "" for p in pieces if p.choices)
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "x"}])
+
+
+def test_conformance_script_against_vllm(vllm_server: str) -> None:
+    if not CONFORMANCE.is_file():
+        pytest.skip("../shared/conformance/check.py is not beside the project")
+    result = subprocess.run([sys.executable, str(CONFORMANCE), vllm_server], capture_output=True, text=True,
+                            timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -42,10 +42,10 @@ $(VENV)/.stamp: requirements/dev.txt requirements/build.txt pyproject.toml
 	touch $@
 
 engine:
-	./scripts/vllm-env.sh $(ENGINE_VENV)
+	VLLM_VENV=$(abspath $(ENGINE_VENV)) ./scripts/vllm-env.sh
 
 model: engine
-	./scripts/prepare-model.sh $(ENGINE_VENV) $(MODEL_DIR)
+	VLLM_VENV=$(abspath $(ENGINE_VENV)) ./scripts/prepare-model.sh $(abspath $(MODEL_DIR))
 
 ## make lock: re-resolve the pinned dependencies (needs pip-tools; review the diff).
 lock:

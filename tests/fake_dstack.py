@@ -64,7 +64,7 @@ class FakeDstackAgent:
             status, content = self.fail_next
             self.fail_next = None
             return Response(content, status_code=status, media_type="application/json")
-        return body  # type: ignore[no-any-return]
+        return body
 
     def _quote(self, report_data_hex: str) -> dict[str, Any]:
         report_data = bytes.fromhex(report_data_hex).ljust(64, b"\0")  # "padding with 0s" (api.md)

@@ -54,9 +54,13 @@ def signed_completion(client: httpx.Client, path: str, body: dict[str, Any], mod
     assert ecdsa["signing_algo"] == "ecdsa"
     signer = Account.recover_message(encode_defunct(text=text), signature=bytes.fromhex(ecdsa["signature"]))
     assert signer == ecdsa["signing_address"]
-    ed = client.get(f"/v1/signature/{completion_id}", params={"model": model, "signing_algo": "ed25519"}).json()
+    ed = client.get(
+        f"/v1/signature/{completion_id}", params={"model": model, "signing_algo": "ed25519"}
+    ).json()
     assert ed["text"] == text
-    assert ed25519_signature_matches(text, bytes.fromhex(ed["signature"]), bytes.fromhex(ed["signing_public_key"]))
+    assert ed25519_signature_matches(
+        text, bytes.fromhex(ed["signature"]), bytes.fromhex(ed["signing_public_key"])
+    )
     if not stream:
         assert headers["x-signature-text"] == text
         assert headers["x-signing-address"] == signer

@@ -170,7 +170,7 @@ def test_missing_root_on_the_real_filesystem(tmp_path: Path) -> None:
 
 def test_no_provider_registered(fake: FakeConfigfsTsm, clock: FakeClock) -> None:
     fake.provider = None
-    with pytest.raises(TsmUnavailableError, match="ENXIO.*no TSM provider"):
+    with pytest.raises(TsmUnavailableError, match=r"ENXIO.*no TSM provider"):
         client(fake, clock).get_quote(REPORT_DATA)
 
 

@@ -104,7 +104,9 @@ def test_emitted_events_replay_to_quote_rtmr3(agent: tuple[FakeDstackAgent, Dsta
 
 def test_check(agent: tuple[FakeDstackAgent, DstackClient]) -> None:
     _, client = agent
-    assert all(r.ok for r in DstackTdxProvider(client).check())
+    [result] = DstackTdxProvider(client).check()
+    assert result.ok and "dstack.sock" in result.detail
+    assert DstackTdxProvider(client.socket_path).client.socket_path == client.socket_path
 
 
 def test_agent_down_names_the_socket(short_dir: Path) -> None:

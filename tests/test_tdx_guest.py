@@ -117,14 +117,14 @@ def test_missing_device_on_the_real_filesystem(tmp_path: Path) -> None:
 def test_permission_denied(tmp_path: Path) -> None:
     fake = FakeTdxGuestDevice(tmp_path)
     fake.open_errno = errno.EACCES
-    with pytest.raises(TdxGuestError, match="EACCES .*needs root"):
+    with pytest.raises(TdxGuestError, match=r"EACCES .*needs root"):
         guest(fake).get_tdreport(REPORT_DATA)
 
 
 def test_ioctl_eio(tmp_path: Path) -> None:
     fake = FakeTdxGuestDevice(tmp_path)
     fake.ioctl_errno = errno.EIO
-    with pytest.raises(TdxGuestError, match="TDX_CMD_GET_REPORT0 on .*: EIO .*TDCALL failed"):
+    with pytest.raises(TdxGuestError, match=r"TDX_CMD_GET_REPORT0 on .*: EIO .*TDCALL failed"):
         guest(fake).get_tdreport(REPORT_DATA)
     assert fake.open_fds == set()
 

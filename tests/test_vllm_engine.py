@@ -31,7 +31,9 @@ CONFORMANCE = Path(__file__).resolve().parents[2] / "shared" / "conformance" / "
 def _paths() -> tuple[Path, Path]:
     venv, model = os.environ.get("TEE_INFERENCE_ENGINE_VENV"), os.environ.get("TEE_INFERENCE_TEST_MODEL")
     if not venv or not model:
-        pytest.fail("run through `make test-slow`: it builds the engine venv and the model and sets their paths")
+        pytest.fail(
+            "run through `make test-slow`: it builds the engine venv and the model and sets their paths"
+        )
     return Path(venv), Path(model)
 
 

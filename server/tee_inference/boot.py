@@ -101,7 +101,11 @@ def measure_weights(config: ServerConfig) -> str | None:
 
 
 def record_boot_events(
-    tdx: TdxProvider, config: ServerConfig, signer: CompletionSigner, key_source: str, weights_root: str | None
+    tdx: TdxProvider,
+    config: ServerConfig,
+    signer: CompletionSigner,
+    key_source: str,
+    weights_root: str | None,
 ) -> None:
     """Extend RTMR3 with what this boot runs: image, weights and the signing key."""
 
@@ -129,7 +133,11 @@ def _version_of(distribution: str) -> str | None:
 
 
 def boot_info(
-    config: ServerConfig, roots: TrustRoots, signer: CompletionSigner, key_source: str, weights_root: str | None
+    config: ServerConfig,
+    roots: TrustRoots,
+    signer: CompletionSigner,
+    key_source: str,
+    weights_root: str | None,
 ) -> dict[str, Any]:
     """The report's `info`: what was measured and which software runs."""
     return {

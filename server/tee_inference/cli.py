@@ -85,13 +85,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long signatures stay fetchable (at least 1800)",
     )
     serve.add_argument("--build-dir", type=Path, default=Path("build"), help="caches for the engine")
-    serve.add_argument("--tdx-provider", choices=["configfs", "dstack"], default="configfs",
-                       help="with --tee tdx: quotes from the kernel's configfs-tsm or the dstack guest agent")
-    serve.add_argument("--dstack-socket", type=Path, help="dstack guest agent socket (default /var/run/dstack.sock)")
-    serve.add_argument("--expect-weights-root", metavar="HEX",
-                       help="refuse to start unless the model directory measures to this root")
-    serve.add_argument("--image-digest", default=os.environ.get("TEE_INFERENCE_IMAGE_DIGEST"),
-                       help="digest of the image this runs in (set by the image build)")
+    serve.add_argument(
+        "--tdx-provider",
+        choices=["configfs", "dstack"],
+        default="configfs",
+        help="with --tee tdx: quotes from the kernel's configfs-tsm or the dstack guest agent",
+    )
+    serve.add_argument(
+        "--dstack-socket", type=Path, help="dstack guest agent socket (default /var/run/dstack.sock)"
+    )
+    serve.add_argument(
+        "--expect-weights-root",
+        metavar="HEX",
+        help="refuse to start unless the model directory measures to this root",
+    )
+    serve.add_argument(
+        "--image-digest",
+        default=os.environ.get("TEE_INFERENCE_IMAGE_DIGEST"),
+        help="digest of the image this runs in (set by the image build)",
+    )
     _add_key_options(serve)
 
     keys = commands.add_parser(

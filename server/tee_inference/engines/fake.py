@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tee_inference.asgi import Receive, Scope, Send
 
+SYSTEM_FINGERPRINT = "vllm-fake"
 _VOCABULARY = (
     "the", "model", "answers", "with", "care", "and", "a", "signed", "reply", "that", "anyone",
     "can", "verify", "inside", "enclave", "quote", "binds", "key", "to", "nonce", "each", "token",
@@ -98,7 +99,6 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
         "prompt_tokens": prompt_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
         "completion_tokens": completion_tokens,
-        "prompt_tokens_details": None,
     }
 
 
@@ -246,7 +246,8 @@ class _Reply:
 
     def whole(self) -> dict[str, Any]:
         text = "".join(self.tokens)
-        usage = _usage(self.prompt_tokens, len(self.tokens))
+        usage = {**_usage(self.prompt_tokens, len(self.tokens)), "prompt_tokens_details": None,
+                 "completion_tokens_details": None}  # fmt: skip
         if self.chat:
             message: dict[str, Any] = {
                 "role": "assistant",
@@ -255,7 +256,6 @@ class _Reply:
                 "annotations": None,
                 "audio": None,
                 "function_call": None,
-                "tool_calls": [],
                 "reasoning": None,
             }
             choice = {
@@ -265,16 +265,20 @@ class _Reply:
                 "finish_reason": self.finish,
                 "stop_reason": None,
                 "token_ids": None,
+                "routed_experts": None,
             }
             return {
                 **self._head("chat.completion"),
                 "choices": [choice],
                 "service_tier": None,
-                "system_fingerprint": None,
+                "system_fingerprint": SYSTEM_FINGERPRINT,
                 "usage": usage,
                 "prompt_logprobs": None,
                 "prompt_token_ids": None,
+                "prompt_text": None,
                 "kv_transfer_params": None,
+                "ec_transfer_params": None,
+                "metrics": None,
             }
         choice = {
             "index": 0,
@@ -285,18 +289,37 @@ class _Reply:
             "token_ids": None,
             "prompt_logprobs": None,
             "prompt_token_ids": None,
+            "routed_experts": None,
         }
         return {
             **self._head("text_completion"),
             "choices": [choice],
             "service_tier": None,
-            "system_fingerprint": None,
+            "system_fingerprint": SYSTEM_FINGERPRINT,
             "usage": usage,
             "kv_transfer_params": None,
+            "ec_transfer_params": None,
+            "metrics": None,
         }
 
-    def events(self, include_usage: bool) -> Iterator[bytes]:
+    def _chunk(self, piece: str, finish: str | None) -> dict[str, Any]:
+        choice: dict[str, Any]
+        if self.chat:
+            choice = {"index": 0, "delta": {"content": piece}, "logprobs": None, "finish_reason": finish}
+        else:
+            choice = {"index": 0, "text": piece, "logprobs": None, "finish_reason": finish}
+        if finish is not None or not self.chat:
+            choice["stop_reason"] = None
+        if not self.chat:
+            choice["prompt_token_ids"] = None
+        choice["token_ids"] = None
         object_ = "chat.completion.chunk" if self.chat else "text_completion"
+        return {**self._head(object_), "choices": [choice]}
+
+    def events(self, include_usage: bool) -> Iterator[bytes]:
+        """vLLM's stream: role delta first (chat); a token per event; the finish reason on the
+        last token when the length ran out, or on an empty delta after it at end of sequence;
+        the system fingerprint on the final event (the usage event when asked for)."""
         if self.chat:
             first = {
                 "index": 0,
@@ -304,21 +327,20 @@ class _Reply:
                 "logprobs": None,
                 "finish_reason": None,
             }
-            yield _event({**self._head(object_), "choices": [first]})
-        last = len(self.tokens) - 1
-        for i, token in enumerate(self.tokens):
-            finish = self.finish if i == last else None
-            choice: dict[str, Any]
-            if self.chat:
-                choice = {"index": 0, "delta": {"content": token}, "logprobs": None, "finish_reason": finish}
-            else:
-                choice = {"index": 0, "text": token, "logprobs": None, "finish_reason": finish}
-            if finish is not None:
-                choice["stop_reason"] = None
-            yield _event({**self._head(object_), "choices": [choice]})
+            yield _event({**self._head("chat.completion.chunk"), "choices": [first], "prompt_token_ids": None,
+                          "prompt_text": None})  # fmt: skip
+        chunks = [self._chunk(token, None) for token in self.tokens]
+        if self.finish == "length" and chunks:
+            chunks[-1] = self._chunk(self.tokens[-1], "length")
+        else:
+            chunks.append(self._chunk("", self.finish))
         if include_usage:
             usage = _usage(self.prompt_tokens, len(self.tokens))
-            yield _event({**self._head(object_), "choices": [], "usage": usage})
+            object_ = "chat.completion.chunk" if self.chat else "text_completion"
+            chunks.append({**self._head(object_), "choices": [], "usage": usage})
+        chunks[-1]["system_fingerprint"] = SYSTEM_FINGERPRINT
+        for chunk in chunks:
+            yield _event(chunk)
         yield b"data: [DONE]\n\n"
 
 

@@ -38,7 +38,8 @@ class TcbPolicy:
         unknown = (self.accept | self.allow) - KNOWN_TCB_STATUSES
         if unknown:
             raise VerificationError(
-                f"unknown TCB status(es) {', '.join(sorted(unknown))}; known: {', '.join(sorted(KNOWN_TCB_STATUSES))}"
+                f"unknown TCB status(es) {', '.join(sorted(unknown))}; "
+                f"known: {', '.join(sorted(KNOWN_TCB_STATUSES))}"
             )
         if "Revoked" in self.accept | self.allow:
             raise VerificationError("a Revoked TCB can never be accepted")

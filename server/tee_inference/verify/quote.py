@@ -137,7 +137,7 @@ def _intel_checks(
     try:
         report = dcap_qvl.verify(quote.raw, collateral, now)
     except ValueError as exc:
-        detail = f"dcap-qvl at {_iso(now)}: {exc}".replace("\n\n", ": ").replace("\n", " ")
+        detail = f"dcap-qvl at {_iso(now)}: {' '.join(str(exc).split())}"  # its errors span lines
         return [
             CheckResult.failed(QUOTE_SIGNATURE, f"{detail}; {offline_text}"),
             CheckResult.skipped(TCB_STATUS, "not evaluated: the quote did not verify with the collateral"),

@@ -193,11 +193,14 @@ def check_runtime_claims(
         )
     digest = report.info.get("image_digest")
     images = [str(i.get("image_digest")) for i in claims.images]
-    if not images:
+    if not images and digest:
         out.append(
-            CheckResult.failed(IMAGE_EVENT, f"info claims image {digest} but RTMR3 has no image event") if digest
-            else CheckResult.skipped(IMAGE_EVENT, "no image event in RTMR3 (not a built image)", required=False)
-        )  # fmt: skip
+            CheckResult.failed(IMAGE_EVENT, f"info claims image {digest} but RTMR3 has no image event")
+        )
+    elif not images:
+        out.append(
+            CheckResult.skipped(IMAGE_EVENT, "no image event in RTMR3 (not a built image)", required=False)
+        )
     elif digest is not None and digest != images[-1]:
         out.append(CheckResult.failed(IMAGE_EVENT, f"RTMR3 measured image {images[-1]}, info says {digest}"))
     else:

@@ -107,7 +107,12 @@ def raw_chunks(base: str, method: str, path: str, body: bytes, headers: dict[str
     """Sizes of the HTTP/1.1 transfer-encoding chunks of one response, read off a plain socket."""
     url = urlsplit(base)
     host, port = url.hostname or "127.0.0.1", url.port or 80
-    head = [f"{method} {path} HTTP/1.1", f"host: {host}:{port}", f"content-length: {len(body)}", "connection: close"]
+    head = [
+        f"{method} {path} HTTP/1.1",
+        f"host: {host}:{port}",
+        f"content-length: {len(body)}",
+        "connection: close",
+    ]
     head += [f"{k}: {v}" for k, v in headers.items()]
     data = b""
     with socket.create_connection((host, port), timeout=120) as s:

@@ -1,0 +1,228 @@
+"""``tee-inference verify …``: build a verifier and a policy from arguments, print the result.
+
+Nothing is decided here: every judgement lives in the library. The main command wires this in
+with ``add_verify_parser(subparsers)`` and dispatches to ``run_verify(args)``; it also runs
+alone as ``python -m tee_inference.verify.cli``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import textwrap
+from collections.abc import Sequence
+from pathlib import Path
+
+from cryptography import x509
+
+from tee_inference.verify.measurements import load_expected_measurements
+from tee_inference.verify.policy import KNOWN_TCB_STATUSES, VerificationPolicy
+from tee_inference.verify.quote import load_collateral
+from tee_inference.verify.results import Status, VerificationError, VerificationResult
+from tee_inference.verify.signature import verify_signature
+from tee_inference.verify.verifier import Verifier
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+_MARK = {Status.PASS: "PASS", Status.FAIL: "FAIL", Status.SKIP: "skip"}
+
+
+def _evidence_options(p: argparse.ArgumentParser, *, report: bool) -> None:
+    p.add_argument(
+        "--collateral", metavar="FILE", help="Intel collateral (QuoteCollateralV3 JSON): offline TCB check"
+    )
+    p.add_argument("--pccs-url", metavar="URL", help="fetch collateral from this PCCS (online)")
+    p.add_argument(
+        "--now", type=int, metavar="EPOCH", help="check the collateral as of this time (default: now)"
+    )
+    p.add_argument(
+        "--allow-tcb",
+        action="append",
+        default=[],
+        choices=sorted(KNOWN_TCB_STATUSES - {"UpToDate", "Revoked"}),
+        metavar="STATUS",
+        help="also accept this TCB status (reported), e.g. SWHardeningNeeded; repeatable",
+    )
+    p.add_argument(
+        "--allow-missing-collateral", action="store_true",
+        help="accept that tcb_status is skipped when no collateral is given (offline audit)",
+    )  # fmt: skip
+    p.add_argument("--json", action="store_true", help='print {"ok": …, "checks": […]} instead of a table')
+    if report:
+        p.add_argument(
+            "--expect",
+            action="append",
+            default=[],
+            metavar="FILE",
+            help="expected-measurements file (measurements/); repeat to accept any one of them",
+        )
+        p.add_argument(
+            "--allow-simulated", action="store_true", help="accept SIMULATED evidence (testing only)"
+        )
+        p.add_argument("--allow-no-gpu", action="store_true", help="accept a report without GPU evidence")
+        p.add_argument("--nras", action="store_true", help="also ask NVIDIA's NRAS (online)")
+        p.add_argument(
+            "--nvidia-root", metavar="PEM", help="GPU trust anchor instead of the pinned NVIDIA root"
+        )
+
+
+def add_verify_parser(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> argparse.ArgumentParser:
+    """Add ``verify`` with its four subcommands to the main command's subparsers."""
+    verify = subparsers.add_parser("verify", help="verify attestation reports, quotes, signatures, endpoints")
+    commands = verify.add_subparsers(dest="verify_command", required=True)
+    report = commands.add_parser("report", help="verify a saved attestation report (SPEC §3)")
+    report.add_argument("report", metavar="REPORT.json")
+    report.add_argument("--nonce", metavar="HEX", help="the nonce you sent (64 hex): proves freshness")
+    _evidence_options(report, report=True)
+    quote = commands.add_parser("quote", help="verify a TDX quote (binary or hex), optionally its event log")
+    quote.add_argument("quote", metavar="QUOTE_FILE")
+    quote.add_argument("--event-log", metavar="FILE", help="JSON event log to replay against RTMR0–3")
+    _evidence_options(quote, report=False)
+    sig = commands.add_parser("signature", help="check a response signature (SPEC §2)")
+    sig.add_argument("--text", required=True, help="the signed text, sha256(request):sha256(response)")
+    sig.add_argument("--signature", required=True, metavar="HEX")
+    who = sig.add_mutually_exclusive_group(required=True)
+    who.add_argument("--address", help="ecdsa signer address 0x…")
+    who.add_argument("--public-key", metavar="HEX", help="ed25519 public key")
+    sig.add_argument("--json", action="store_true")
+    url = commands.add_parser("url", help="verify a live endpoint end to end with a fresh nonce")
+    url.add_argument("base_url", metavar="BASE_URL")
+    url.add_argument("--model", required=True, metavar="M")
+    url.add_argument("--api-key-env", metavar="VAR", help="send 'Authorization: Bearer $VAR'")
+    _evidence_options(url, report=True)
+    verify.set_defaults(func=run_verify)
+    return verify
+
+
+def _read(path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise VerificationError(f"cannot read {path}: {exc}") from None
+
+
+def _policy(args: argparse.Namespace) -> VerificationPolicy:
+    relax = {"tcb_status"} if args.allow_missing_collateral else set()
+    return VerificationPolicy.build(
+        expected=[load_expected_measurements(p) for p in getattr(args, "expect", [])],
+        allow_simulated=getattr(args, "allow_simulated", False),
+        allow_tcb=args.allow_tcb,
+        relax=relax,
+        require_gpu=not getattr(args, "allow_no_gpu", False),
+    )
+
+
+def _verifier(args: argparse.Namespace) -> Verifier:
+    verifier = Verifier.production()
+    if getattr(args, "nvidia_root", None):
+        try:
+            root = x509.load_pem_x509_certificate(_read(args.nvidia_root))
+        except ValueError as exc:
+            raise VerificationError(f"{args.nvidia_root} is not a PEM certificate: {exc}") from None
+        verifier = Verifier(intel_root=verifier.intel_root, nvidia_root=root)
+    return verifier
+
+
+def _nonce(text: str | None) -> bytes | None:
+    if text is None:
+        return None
+    try:
+        nonce = bytes.fromhex(text.removeprefix("0x"))
+    except ValueError:
+        nonce = b""
+    if len(nonce) != 32:
+        raise VerificationError("--nonce must be 64 hex digits (32 bytes)")
+    return nonce
+
+
+def _run(args: argparse.Namespace) -> VerificationResult:
+    if args.verify_command == "signature":
+        check = verify_signature(args.text, args.signature, address=args.address, public_key=args.public_key)
+        return VerificationResult((check,))
+    policy = _policy(args)
+    collateral = load_collateral(args.collateral) if args.collateral else None
+    verifier = _verifier(args)
+    if args.verify_command == "quote":
+        log = _read(args.event_log) if args.event_log else None
+        return verifier.verify_quote(
+            _read(args.quote),
+            policy,
+            event_log=log,
+            collateral=collateral,
+            pccs_url=args.pccs_url,
+            now=args.now,
+        )
+    nras_client = None
+    if args.nras:  # pragma: no cover - network
+        import httpx
+
+        nras_client = httpx.Client(timeout=60.0)
+    if args.verify_command == "report":
+        return verifier.verify_report(
+            _read(args.report), policy, nonce=_nonce(args.nonce), collateral=collateral,
+            pccs_url=args.pccs_url, now=args.now, nras_client=nras_client,
+        )  # fmt: skip
+    from tee_inference.verify.e2e import verify_url
+
+    api_key = os.environ.get(args.api_key_env) if args.api_key_env else None
+    if args.api_key_env and api_key is None:
+        raise VerificationError(f"--api-key-env {args.api_key_env}: the variable is not set")
+    return verify_url(
+        args.base_url,
+        args.model,
+        policy,
+        verifier=verifier,
+        api_key=api_key,
+        collateral=collateral,
+        now=args.now,
+    )
+
+
+def format_table(result: VerificationResult, *, width: int = 100) -> str:
+    """Check, result, detail; then the verdict and what kept it from passing."""
+    name_width = max([len(c.name) for c in result.checks] + [5])
+    lines = [f"{'check'.ljust(name_width)}  result  detail", f"{'-' * name_width}  ------  {'-' * 40}"]
+    for c in result.checks:
+        mark = _MARK[c.status] + ("" if c.required or c.status is Status.PASS else "*")
+        if c.status is Status.SKIP and c.name in result.relaxed:
+            mark = "skip~"
+        wrapped = textwrap.wrap(c.detail, max(40, width - name_width - 10)) or [""]
+        lines.append(f"{c.name.ljust(name_width)}  {mark.ljust(6)}  {wrapped[0]}")
+        lines += [f"{' ' * (name_width + 10)}{more}" for more in wrapped[1:]]
+    lines.append("")
+    lines.append("(* informational: not required; ~ skipped, accepted by an --allow option)")
+    verdict = "OK" if result.ok else "NOT VERIFIED"
+    if result.simulated:
+        verdict += " (SIMULATED evidence: not hardware-backed)"
+    lines.append(f"verdict: {verdict}")
+    if not result.ok:
+        lines.append("blocking: " + ", ".join(f"{c.name} ({c.status.value})" for c in result.blocking))
+    return "\n".join(lines)
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    """Run one ``verify`` subcommand; exit 0 only when every required check passed."""
+    try:
+        result = _run(args)
+    except VerificationError as exc:
+        print(f"tee-inference verify: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        print(format_table(result))
+    return EXIT_OK if result.ok else EXIT_FAILED
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tee-inference")
+    add_verify_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return run_verify(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

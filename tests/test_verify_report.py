@@ -37,7 +37,9 @@ def _failed(result: Any) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("algo", ["ecdsa", "ed25519"])
-def test_simulated_report_passes_only_when_allowed(node: SimulatedNode, verifier: Verifier, algo: str) -> None:
+def test_simulated_report_passes_only_when_allowed(
+    node: SimulatedNode, verifier: Verifier, algo: str
+) -> None:
     report = node.report(NONCE, algo)
     refused = verifier.verify_report(report, VerificationPolicy(), nonce=NONCE)
     assert not refused.ok
@@ -96,7 +98,9 @@ def test_swapped_signing_address_is_caught(node: SimulatedNode, verifier: Verifi
         (lambda r: r.update(request_nonce="zz"), "report_format", "request_nonce"),
     ],
 )
-def test_each_binding_is_checked(node: SimulatedNode, verifier: Verifier, mutate: Any, check: str, message: str) -> None:
+def test_each_binding_is_checked(
+    node: SimulatedNode, verifier: Verifier, mutate: Any, check: str, message: str
+) -> None:
     report = copy.deepcopy(node.report(NONCE))
     mutate(report)
     failed = _failed(verifier.verify_report(report, ALLOW, nonce=NONCE))
@@ -132,7 +136,9 @@ def test_expected_measurements_pass_and_fail(node: SimulatedNode, verifier: Veri
     doc["tdx"]["rtmr1"] = ["ab" * 48]
     doc["models"] = {"other-model": {"weights_root": "cd" * 32}}
     bad = parse_expected_measurements(json.dumps(doc), origin="bad.json")
-    failed = verifier.verify_report(node.report(NONCE), VerificationPolicy.build(expected=[bad], allow_simulated=True), nonce=NONCE)
+    failed = verifier.verify_report(
+        node.report(NONCE), VerificationPolicy.build(expected=[bad], allow_simulated=True), nonce=NONCE
+    )
     detail = failed.check("measurements").detail
     assert failed.check("measurements").status is Status.FAIL
     assert "rtmr1 is" in detail and "model 'sim-model' (not in the expected file)" in detail

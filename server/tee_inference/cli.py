@@ -11,9 +11,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from tee_inference import __version__
+from tee_inference.bench import add_bench_parser
 from tee_inference.boot import StartRefused
 from tee_inference.config import ConfigError, ServerConfig
 from tee_inference.keys import KeySourceError
+from tee_inference.verify.cli import add_verify_parser
 
 
 def _add_key_options(parser: argparse.ArgumentParser) -> None:
@@ -106,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_key_options(serve)
 
+    add_bench_parser(commands)
+    add_verify_parser(commands)
+
     keys = commands.add_parser(
         "keys", help="show the public keys a key source produces (no private material)"
     )
@@ -120,6 +125,14 @@ def _served_name(args: argparse.Namespace) -> str:
     if args.model is None:
         return "fake-model"
     return Path(args.model).name or str(args.model)
+
+
+def _fake_weights_root(args: argparse.Namespace) -> str | None:
+    if args.engine != "fake" or args.upstream is not None:
+        return None
+    from tee_inference.engines.fake import FakeEngine
+
+    return FakeEngine.weights_root()
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -138,7 +151,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         # An --upstream engine may serve several models: without --model they are discovered.
         served_models=(_served_name(args),) if args.upstream is None or args.model else None,
         model_dir=Path(args.model) if args.model and Path(args.model).is_dir() else None,
-        model_weights_root=args.expect_weights_root,
+        model_weights_root=args.expect_weights_root or _fake_weights_root(args),
         tdx_provider=args.tdx_provider,
         dstack_socket=args.dstack_socket,
         image_digest=args.image_digest,
@@ -188,11 +201,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # httpx logs every request at INFO: noise for the CLI, and URLs carry nonces.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         if args.command == "serve":
             return _cmd_serve(args)
         if args.command == "keys":
             return _cmd_keys(args)
+        if args.command == "verify":
+            from tee_inference.verify.cli import run_verify
+
+            return run_verify(args)
+        if args.command == "bench":
+            from tee_inference.bench import run_bench
+
+            return run_bench(args)
     except (ConfigError, KeySourceError) as exc:
         print(f"tee-inference: {exc}", file=sys.stderr)
         return 2

@@ -136,6 +136,12 @@ class FakeEngine:
         else:
             await _respond(send, 404, _json({"detail": "Not Found"}))
 
+    @staticmethod
+    def weights_root() -> str:
+        """What stands in for the fake model's weights root: a digest of what decides its output."""
+        identity = "tee-inference fake engine v1\n" + "\n".join(_VOCABULARY)
+        return hashlib.sha256(identity.encode("utf-8")).hexdigest()
+
     def model_list(self) -> dict[str, Any]:
         created = int(self.clock())
         card = {

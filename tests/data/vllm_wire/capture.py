@@ -103,6 +103,20 @@ CASES: list[tuple[str, str, str, bytes | None, dict[str, str], bool]] = [
 METRICS_LIMIT = 2048
 
 
+def dump_meta(meta: dict[str, Any]) -> str:
+    """JSON with one header pair and one size list per line, so diffs stay readable."""
+    lines = ["{"]
+    items = list(meta.items())
+    for i, (key, value) in enumerate(items):
+        comma = "," if i < len(items) - 1 else ""
+        if key == "headers":
+            pairs = [json.dumps(pair, ensure_ascii=False) for pair in value]
+            lines.append(' "headers": [\n  ' + ",\n  ".join(pairs) + f"\n ]{comma}")
+        else:
+            lines.append(f" {json.dumps(key)}: {json.dumps(value, ensure_ascii=False)}{comma}")
+    return "\n".join(lines) + "\n}\n"
+
+
 def raw_chunks(base: str, method: str, path: str, body: bytes, headers: dict[str, str]) -> list[int]:
     """Sizes of the HTTP/1.1 transfer-encoding chunks of one response, read off a plain socket."""
     url = urlsplit(base)
@@ -177,7 +191,7 @@ def capture(base: str, out: Path) -> None:
                 + "\n",
                 encoding="utf-8",
             )
-            (out / f"{name}.response.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+            (out / f"{name}.response.json").write_text(dump_meta(meta), encoding="utf-8")
             (out / f"{name}.body").write_bytes(payload)
             print(f"{name:34} {response.status_code} {len(payload):6d} B", file=sys.stderr)
 

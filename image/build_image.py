@@ -1,11 +1,11 @@
 """Reproducible build of our application layer, and the dstack deployment descriptor.
 
-    python image/build.py build [--out build/image]     # OCI layout, prints the manifest digest
-    python image/build.py reproduce                      # two builds in fresh temp dirs, same digest?
-    python image/build.py compose                        # writes image/app-compose.json
+    python image/build_image.py build [--out build/image]     # OCI layout, prints the manifest digest
+    python image/build_image.py reproduce                      # two builds in fresh temp dirs, same digest?
+    python image/build_image.py compose                        # writes image/app-compose.json
 
 The layer holds /opt/tee-inference/: our wheel (built with SOURCE_DATE_EPOCH = the
-commit time, from a copy of the tracked sources with normalized modes), the runtime
+fixed time, from a copy of the tracked sources with normalized modes), the runtime
 dependency wheels chosen by ``pip download --require-hashes`` for CPython 3.12 on
 manylinux x86_64 (the vLLM image's interpreter), the lock they satisfy plus our
 wheel's hash, and the entrypoint. Every input is fixed by a hash or by the source
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from oci import FileSpec, Image, build_image, layer_tar, write_layout  # noqa: E402
+from oci import FileSpec, Image, build_image, layer_tar, write_layout
 
 REPO = Path(__file__).resolve().parent.parent
 PREFIX = "/opt/tee-inference"
@@ -37,7 +37,9 @@ PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x8
 SOURCE_REPOSITORY = "https://github.com/tee-inference/tee-inference"
 IMAGE_REPOSITORY = "ghcr.io/tee-inference/tee-inference"
 WHEEL_SOURCES = ("pyproject.toml", "README.md", "LICENSE", "server")
-FROM_LINE = re.compile(r"^FROM\s+(?P<name>[^\s:@]+(?::\d+)?/[^\s:@]+):(?P<tag>[\w.-]+)@(?P<digest>sha256:[0-9a-f]{64})\s*$")
+FROM_LINE = re.compile(
+    r"^FROM\s+(?P<name>[^\s:@]+(?::\d+)?/[^\s:@]+):(?P<tag>[\w.-]+)@(?P<digest>sha256:[0-9a-f]{64})\s*$"
+)
 
 ENTRYPOINT = f"""#!/bin/sh
 # Installs the measured wheels offline (no index; every file checked against the lock's
@@ -72,7 +74,9 @@ def read_base(containerfile: Path) -> Base:
         raise BuildError(f"{containerfile}: expected exactly one FROM line")
     match = FROM_LINE.match(froms[0])
     if match is None:
-        raise BuildError(f"{containerfile}: base image is not pinned by digest: {froms[0]!r} (run make pin-base)")
+        raise BuildError(
+            f"{containerfile}: base image is not pinned by digest: {froms[0]!r} (run make pin-base)"
+        )
     return Base(match["name"], match["tag"], match["digest"])
 
 
@@ -80,8 +84,15 @@ def git(*args: str) -> str:
     return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
 
 
+# A constant, not the commit time: the digest must be a function of the content alone, so
+# that measurements/expected.json can be committed together with the sources it measures
+# (a commit time would change the digest on every commit, including that one). 1980-01-01
+# is the earliest time a wheel's zip entries can carry.
+DEFAULT_EPOCH = 315532800
+
+
 def source_date_epoch() -> int:
-    return int(os.environ.get("SOURCE_DATE_EPOCH") or git("log", "-1", "--format=%ct"))
+    return int(os.environ.get("SOURCE_DATE_EPOCH") or DEFAULT_EPOCH)
 
 
 def copy_sources(dest: Path) -> None:
@@ -144,7 +155,7 @@ def layer_files(wheel: Path, deps: list[Path], lock_text: str) -> list[FileSpec]
     return files
 
 
-def assemble(files: list[FileSpec], base: Base, epoch: int, revision: str, compression: str = "none") -> Image:
+def assemble(files: list[FileSpec], base: Base, epoch: int, compression: str = "none") -> Image:
     """The image for a layer's files. The base's layers are not pulled here: the manifest
     names the base by the standard OCI annotations, and the digest we publish is this one."""
     config = {
@@ -155,7 +166,6 @@ def assemble(files: list[FileSpec], base: Base, epoch: int, revision: str, compr
     annotations = {
         "org.opencontainers.image.base.name": f"{base.name}:{base.tag}",
         "org.opencontainers.image.base.digest": base.digest,
-        "org.opencontainers.image.revision": revision,
         "org.opencontainers.image.source": SOURCE_REPOSITORY,
     }
     tar = layer_tar(files, epoch)
@@ -169,19 +179,23 @@ def assemble(files: list[FileSpec], base: Base, epoch: int, revision: str, compr
     )
 
 
-def build(out: Path, cache: Path, compression: str = "none") -> Image:
+def build(out: Path, cache: Path, compression: str = "none", rootfs: Path | None = None) -> Image:
     base = read_base(REPO / "image" / "Containerfile")
     epoch = source_date_epoch()
-    revision = git("rev-parse", "HEAD")
-    if git("status", "--porcelain", "--", *WHEEL_SOURCES, "requirements", "image"):
-        revision += "-dirty"
     lock = REPO / "requirements" / "runtime.txt"
     with tempfile.TemporaryDirectory(prefix="tee-image-") as tmp:
         work = Path(tmp)
         wheel = build_wheel(cache, epoch, work)
         deps = download_dependencies(lock, work)
-        image = assemble(layer_files(wheel, deps, lock.read_text()), base, epoch, revision, compression)
-    write_layout(image, out, ref_name=revision)
+        files = layer_files(wheel, deps, lock.read_text())
+        image = assemble(files, base, epoch, compression)
+    if rootfs is not None:  # the same files as a plain tree: the Containerfile's build context
+        for spec in files:
+            target = rootfs / spec.path.lstrip("/")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(spec.data)
+            target.chmod(spec.mode)
+    write_layout(image, out, ref_name="latest")
     (out / "digest").write_text(image.digest + "\n")
     return image
 
@@ -227,11 +241,15 @@ def compose_hash(text: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="image/build.py", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="image/build_image.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--cache", type=Path, default=REPO / "build" / "image-cache")
     parser.add_argument("--compression", choices=["none", "gzip"], default="none")
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("build").add_argument("--out", type=Path, default=REPO / "build" / "image")
+    build_cmd = commands.add_parser("build")
+    build_cmd.add_argument("--out", type=Path, default=REPO / "build" / "image")
+    build_cmd.add_argument(
+        "--rootfs", type=Path, help="also write the layer's files here (Containerfile context)"
+    )
     commands.add_parser("reproduce")
     comp = commands.add_parser("compose")
     comp.add_argument("--digest", help="image digest (default: build it)")
@@ -241,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "build":
-            print(build(args.out, args.cache, args.compression).digest)
+            print(build(args.out, args.cache, args.compression, args.rootfs).digest)
         elif args.command == "reproduce":
             digests = []
             for _ in range(2):
@@ -261,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
             args.out.write_text(text)
             print(f"compose_hash {compose_hash(text)}  ({args.out})")
     except (BuildError, subprocess.CalledProcessError) as exc:
-        print(f"image/build.py: {exc}", file=sys.stderr)
+        print(f"image/build_image.py: {exc}", file=sys.stderr)
         return 1
     return 0
 

@@ -74,8 +74,8 @@ async def _asgi_request(app: ASGIApp, body: bytes, path: str = "/v1/chat/complet
     async def send(message: Message) -> None:
         return None
 
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "path": path,
-             "raw_path": path.encode(), "query_string": b"", "root_path": "", "scheme": "http",
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "", "scheme": "http",
              "headers": [(b"content-type", b"application/json"), (b"host", b"bench")],
              "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2)}  # fmt: skip
     await app(scope, receive, send)
@@ -224,9 +224,8 @@ def run_bench(args: argparse.Namespace) -> int:
     print(f"tee-inference bench: {args.tokens} tokens per completion, {os.cpu_count()} CPUs")
     if "sign" in report:
         s = report["sign"]
-        print(
-            f"  sign      ecdsa+ed25519 {s['sign_both_us']} µs per completion (sha256 of 512 B: {s['hash_512b_us']} µs)"
-        )
+        print(f"  sign      ecdsa+ed25519 {s['sign_both_us']} µs per completion "
+              f"(sha256 of 512 B: {s['hash_512b_us']} µs)")  # fmt: skip
     if "asgi" in report:
         for key, r in report["asgi"].items():
             print(f"  asgi      {key:6} baseline {r['baseline_us']} µs, signed {r['signed_us']} µs "

@@ -25,7 +25,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from tee_inference.attestation.tdx_quote import SimulatedQuoteSigner
+from tee_inference.attestation.tdx_simulated import SimulatedQuoteSigner
 
 _ATTRIBUTES = ("provider", "generation", "inblob", "outblob")
 _WRITABLE = ("inblob",)

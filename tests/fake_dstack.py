@@ -27,7 +27,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from tee_inference.attestation.eventlog import EventLog, simulated_boot_events
-from tee_inference.attestation.tdx_quote import SimulatedQuoteSigner
+from tee_inference.attestation.tdx_simulated import SimulatedQuoteSigner
 
 FAKE_MRTD = hashlib.sha384(b"fake dstack MRTD").digest()
 

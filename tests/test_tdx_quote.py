@@ -22,7 +22,6 @@ from tee_inference.attestation.tdx_quote import (
     Quote,
     QuoteFormatError,
     QuoteSignatureError,
-    SimulatedQuoteSigner,
     is_simulated_quote,
     load_pck_chain,
     load_quote,
@@ -30,6 +29,7 @@ from tee_inference.attestation.tdx_quote import (
     td_debug,
     verify_quote_ecdsa,
 )
+from tee_inference.attestation.tdx_simulated import SimulatedQuoteSigner
 
 SAMPLES = {
     # file → (expected.json, key holding the fields)

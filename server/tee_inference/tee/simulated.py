@@ -12,7 +12,7 @@ import os
 from typing import Final
 
 from tee_inference.attestation.eventlog import Event, EventLog, runtime_event, simulated_boot_events
-from tee_inference.attestation.tdx_quote import SimulatedQuoteSigner
+from tee_inference.attestation.tdx_simulated import SimulatedQuoteSigner
 from tee_inference.tee import CheckResult
 
 SIMULATED_MRTD: Final = hashlib.sha384(b"tee-inference SIMULATED MRTD").digest()

@@ -9,7 +9,8 @@ MODEL_DIR := build/models/SmolLM2-135M-Instruct
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run run-fake test test-fast test-slow lint bench engine model lock clean
+.PHONY: run run-fake test test-slow lint bench engine model lock clean image reproduce measurements \
+	measurements-check pin-base
 
 ## make run: a real vLLM (CPU build here, CUDA on a GPU host) serving SmolLM2-135M-Instruct
 ## behind the signing middleware, with the simulated TEE.
@@ -31,9 +32,33 @@ test-slow: $(VENV)/.stamp engine model
 		$(BIN)/pytest -m slow -p no:cacheprovider
 
 lint: $(VENV)/.stamp
-	$(BIN)/ruff check server tests
-	$(BIN)/ruff format --check server tests
+	$(BIN)/ruff check server tests image measurements
+	$(BIN)/ruff format --check server tests image measurements
 	$(BIN)/mypy
+	$(BIN)/mypy --strict image/oci.py image/build_image.py measurements/regenerate.py
+
+## make bench: the signing overhead as ratios against the bare fake engine, in one run.
+bench: $(VENV)/.stamp
+	$(BIN)/tee-inference bench
+
+## make image: the reproducible application layer as an OCI layout in build/image (prints its digest).
+image: $(VENV)/.stamp
+	$(BIN)/python image/build_image.py build --out build/image
+
+## make reproduce: two builds in fresh temporary directories; fails unless the digests are identical.
+reproduce: $(VENV)/.stamp
+	$(BIN)/python image/build_image.py reproduce
+
+## make measurements: recompute the image digest, compose hash and weights root into measurements/.
+measurements: $(VENV)/.stamp model
+	$(BIN)/python measurements/regenerate.py
+
+measurements-check: $(VENV)/.stamp model
+	$(BIN)/python measurements/regenerate.py --check
+
+## make pin-base: the registry digest of the base tag (needs skopeo and network); edit FROM if it differs.
+pin-base:
+	skopeo inspect --format '{{.Digest}}' docker://docker.io/vllm/vllm-openai:v0.14.0
 
 $(VENV)/.stamp: requirements/dev.txt requirements/build.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +76,8 @@ model: engine
 lock:
 	$(PYTHON) -m piptools compile -q --extra dev --generate-hashes --strip-extras --allow-unsafe \
 		--no-emit-index-url --no-emit-find-links -o requirements/dev.txt pyproject.toml
+	$(PYTHON) -m piptools compile -q --generate-hashes --strip-extras --allow-unsafe \
+		--no-emit-index-url --no-emit-find-links -o requirements/runtime.txt pyproject.toml
 
 clean:
 	rm -rf $(VENV) build .mypy_cache .ruff_cache .pytest_cache

@@ -15,6 +15,7 @@ from tee_inference.bench import add_bench_parser
 from tee_inference.boot import StartRefused
 from tee_inference.config import ConfigError, ServerConfig
 from tee_inference.keys import KeySourceError
+from tee_inference.measure_cli import add_measure_parser
 from tee_inference.verify.cli import add_verify_parser
 
 
@@ -110,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_bench_parser(commands)
     add_verify_parser(commands)
+    add_measure_parser(commands)
 
     keys = commands.add_parser(
         "keys", help="show the public keys a key source produces (no private material)"
@@ -212,6 +214,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from tee_inference.verify.cli import run_verify
 
             return run_verify(args)
+        if args.command == "measure":
+            from tee_inference.measure_cli import run_measure
+
+            return run_measure(args)
         if args.command == "bench":
             from tee_inference.bench import run_bench
 

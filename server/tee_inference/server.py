@@ -16,10 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
+import httpx
 import uvicorn
 
 from tee_inference.asgi import ASGIApp
-from tee_inference.boot import make_trust_roots, preflight
+from tee_inference.boot import make_trust_roots, measure_weights, preflight
 from tee_inference.config import ServerConfig
 from tee_inference.engines.fake import FakeEngine
 from tee_inference.engines.proxy import create_proxy_app
@@ -68,10 +69,21 @@ def build_app(options: ServeOptions, services: Services) -> ASGIApp:
     return SigningMiddleware(inner, services=services)
 
 
-def usage_banner(base_url: str, model: str, api_key_env: str | None) -> str:
+def _signing_address(base_url: str, api_key_env: str | None) -> str:
+    """The serving process's address, as its own attestation report states it."""
+    headers = {"authorization": f"Bearer {os.environ[api_key_env]}"} if api_key_env else {}
+    try:
+        report = httpx.get(f"{base_url}/v1/attestation/report", headers=headers, timeout=60).json()
+        return str(report["signing_address"])
+    except (httpx.HTTPError, ValueError, KeyError):
+        return "(see /v1/attestation/report)"
+
+
+def usage_banner(base_url: str, model: str, api_key_env: str | None, signing_address: str) -> str:
     auth = f' -H "Authorization: Bearer ${api_key_env}"' if api_key_env else ""
     return (
         f"\ntee-inference is serving {model!r} at {base_url}\n"
+        f"  signing address {signing_address}\n"
         f"  curl -s {base_url}/v1/chat/completions{auth} -H 'content-type: application/json' \\\n"
         f'    -d \'{{"model": "{model}", "temperature": 0, "max_tokens": 32, '
         f'"messages": [{{"role": "user", "content": "What is the capital of France?"}}]}}\' -i\n'
@@ -104,12 +116,16 @@ def serve(options: ServeOptions) -> int:
         return _serve_vllm(options, base_url)
     services = Services.start(options.config)
     app = build_app(options, services)
-    print(usage_banner(base_url, options.served_model_name, options.config.api_key_env), flush=True)
+    address = services.signer.ecdsa.address
+    print(usage_banner(base_url, options.served_model_name, options.config.api_key_env, address), flush=True)
     return _run_uvicorn(app, options.host, options.port)
 
 
 def _serve_vllm(options: ServeOptions, base_url: str) -> int:
     config = options.config.model_copy(update={"served_models": (options.served_model_name,)})
+    if config.model_weights_root is not None:
+        # Refuse here, with one clear line, rather than inside vLLM's start-up.
+        measure_weights(config)
     env = {**os.environ, **config.to_env()}
     if is_vllm_cpu():
         env.update(cpu_engine_env(options.build_dir.resolve()))
@@ -138,13 +154,16 @@ def _serve_vllm(options: ServeOptions, base_url: str) -> int:
         elapsed = child.wait_healthy(f"http://127.0.0.1:{port}/health", options.start_timeout_s)
         log.info("vLLM healthy after %.1f s", elapsed)
         if in_process:
-            print(usage_banner(base_url, options.served_model_name, config.api_key_env), flush=True)
+            address = _signing_address(f"http://127.0.0.1:{port}", config.api_key_env)
+            print(usage_banner(base_url, options.served_model_name, config.api_key_env, address), flush=True)
             return child.wait()
+        services = Services.start(config)
         app = build_app(
             ServeOptions(**{**options.__dict__, "upstream": f"http://127.0.0.1:{port}", "config": config}),
-            Services.start(config),
+            services,
         )
-        print(usage_banner(base_url, options.served_model_name, config.api_key_env), flush=True)
+        address = services.signer.ecdsa.address
+        print(usage_banner(base_url, options.served_model_name, config.api_key_env, address), flush=True)
         return _run_uvicorn(app, options.host, options.port)
     except EngineStartError as exc:
         print(f"tee-inference: {exc}", file=sys.stderr)

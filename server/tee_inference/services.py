@@ -16,6 +16,7 @@ from pydantic import SecretStr
 
 from tee_inference.asgi import ASGIApp, Scope
 from tee_inference.boot import (
+    TrustRoots,
     boot_info,
     make_trust_roots,
     measure_weights,
@@ -97,12 +98,16 @@ class Services:
     api_key: SecretStr | None = None
 
     @classmethod
-    def start(cls, config: ServerConfig) -> Services:
-        """Boot: trust roots checked (tdx), key derived, weights measured, RTMR3 extended."""
+    def start(cls, config: ServerConfig, roots: TrustRoots | None = None) -> Services:
+        """Boot: trust roots checked (tdx), key derived, weights measured, RTMR3 extended.
+
+        `roots` defaults to the providers the configuration names; tests pass providers
+        built on faithful fakes of the kernel and driver interfaces.
+        """
         source = make_key_source(config)
         if config.tee == "tdx" and source.development_only:
             raise ConfigError(f"key source {source.name!r} is for development only and refused with tdx")
-        roots = make_trust_roots(config)
+        roots = roots or make_trust_roots(config)
         if config.tee == "tdx":
             refuse_on_failures(preflight(config, roots, source))
         signer = load_signer(source, config.key_epoch)

@@ -8,6 +8,7 @@ private port behind the standalone proxy.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -109,3 +110,19 @@ def test_conformance_script_against_vllm(vllm_server: str) -> None:
     result = subprocess.run([sys.executable, str(CONFORMANCE), vllm_server], capture_output=True, text=True,
                             timeout=600)  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_verifier_accepts_the_committed_weights_root(vllm_server: str, tmp_path: Path) -> None:
+    """The root in measurements/ is what the server measures at boot from the prepared model."""
+    committed = json.loads((Path(__file__).parents[1] / "measurements" / "expected.json").read_text())
+    only_models = {"format": committed["format"], "models": committed["models"]}
+    (tmp_path / "models.json").write_text(json.dumps(only_models))
+    result = subprocess.run(
+        [sys.executable, "-m", "tee_inference", "verify", "url", vllm_server, "--model", MODEL, "--allow-simulated",
+         "--expect", str(tmp_path / "models.json"), "--json"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    verdict = json.loads(result.stdout)
+    failed = [c for c in verdict["checks"] if c["status"] == "fail"]
+    assert result.returncode == 0, failed
+    assert {c["name"]: c["status"] for c in verdict["checks"]}["measurements"] == "pass"

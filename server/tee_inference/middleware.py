@@ -192,7 +192,8 @@ class SignedExchange:
     - `stream` (text/event-stream): every body message is hashed and forwarded at once;
     - `held` (a JSON body): messages are kept until the body ends, then sent with the
       `X-Signature*` headers; past `max_held_response_bytes` it turns into `stream`;
-    - `error` (status other than 200): the body becomes the error envelope, unsigned.
+    - `error` (status 400 and up): the body becomes the error envelope, unsigned;
+    - `passthrough` (any other status but 200): forwarded as it is, unsigned.
     """
 
     def __init__(self, services: Services, app: ASGIApp, scope: Scope, send: Send) -> None:
@@ -311,8 +312,13 @@ class SignedExchange:
             self.start = message
             headers = message.get("headers", [])
             content_type = next((bytes(v) for k, v in headers if k.lower() == b"content-type"), b"")
-            if int(message["status"]) != 200:
+            status = int(message["status"])
+            if status >= 400:
                 self.mode = "error"
+            elif status != 200:
+                # Not a completion (an engine's redirect or 204, say): nothing to sign or rewrite.
+                self.mode = "passthrough"
+                await self.forward_start([])
             elif content_type.startswith(b"text/event-stream"):
                 self.mode = "stream"
                 self.scanner = StreamIdScanner()
@@ -329,8 +335,11 @@ class SignedExchange:
             await self.on_stream_body(body, more)
         elif self.mode == "held":
             await self.on_held_body(body, more)
-        else:
+        elif self.mode == "error":
             await self.on_error_body(body, more)
+        else:
+            self.finished = not more
+            await self.forward(message)
 
     async def on_stream_body(self, body: bytes, more: bool) -> None:
         self.response_hash.update(body)

@@ -58,7 +58,7 @@ measurements-check: $(VENV)/.stamp model
 
 ## make pin-base: the registry digest of the base tag (needs skopeo and network); edit FROM if it differs.
 pin-base:
-	skopeo inspect --format '{{.Digest}}' docker://docker.io/vllm/vllm-openai:v0.14.0
+	skopeo inspect --format '{{.Digest}}' docker://docker.io/vllm/vllm-openai:v0.31.0
 
 $(VENV)/.stamp: requirements/dev.txt requirements/build.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)

@@ -127,3 +127,28 @@ def test_file_key_source(tmp_path) -> None:
         FileKeySource(tmp_path / "bad").root_secret()
     with pytest.raises(KeySourceError, match="cannot read"):
         FileKeySource(tmp_path / "missing").root_secret()
+
+
+def test_keys_command_shows_public_material_only(tmp_path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    key = tmp_path / "key"
+    secret = "ab" * 32
+    key.write_text(secret)
+    run = [
+        sys.executable,
+        "-m",
+        "tee_inference",
+        "keys",
+        "--key-source",
+        "file",
+        "--key-file",
+        str(key),
+        "--json",
+    ]
+    first = subprocess.run(run, capture_output=True, text=True, check=True).stdout
+    assert json.loads(first)["signing_address"] == derive_signer(bytes.fromhex(secret), 1).ecdsa.address
+    assert secret not in first
+    assert subprocess.run(run, capture_output=True, text=True, check=True).stdout == first

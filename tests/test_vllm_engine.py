@@ -126,3 +126,21 @@ def test_verifier_accepts_the_committed_weights_root(vllm_server: str, tmp_path:
     failed = [c for c in verdict["checks"] if c["status"] == "fail"]
     assert result.returncode == 0, failed
     assert {c["name"]: c["status"] for c in verdict["checks"]}["measurements"] == "pass"
+
+
+def test_engine_errors_come_back_in_the_envelope(vllm_server: str) -> None:
+    with httpx.Client(base_url=vllm_server, timeout=60) as client:
+        cases = [
+            client.post("/v1/chat/completions", json={"model": MODEL, "max_tokens": -1,
+                                                      "messages": [{"role": "user", "content": "x"}]}),
+            client.post("/v1/completions", json={"model": MODEL}),
+            client.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                                                      "max_tokens": 100_000}),
+            client.get("/v1/tokenize"),
+            client.get("/v1/chat/completions"),
+        ]  # fmt: skip
+    for response in cases:
+        assert 400 <= response.status_code < 500, response.text
+        error = response.json()["error"]
+        assert set(error) == {"message", "type", "param", "code", "status"}
+        assert error["status"] == response.status_code

@@ -30,6 +30,9 @@ def _add_key_options(parser: argparse.ArgumentParser) -> None:
         "--key-file", type=Path, help="64 hex chars; development only, refused with --tee tdx"
     )
     parser.add_argument("--key-epoch", type=int, default=1, help="key epoch mixed into the derivation")
+    parser.add_argument(
+        "--dstack-socket", type=Path, help="dstack guest agent socket (default /var/run/dstack.sock)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,9 +96,6 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["configfs", "dstack"],
         default="configfs",
         help="with --tee tdx: quotes from the kernel's configfs-tsm or the dstack guest agent",
-    )
-    serve.add_argument(
-        "--dstack-socket", type=Path, help="dstack guest agent socket (default /var/run/dstack.sock)"
     )
     serve.add_argument(
         "--expect-weights-root",
@@ -178,7 +178,12 @@ def _cmd_keys(args: argparse.Namespace) -> int:
     from tee_inference.keys import load_signer
     from tee_inference.services import make_key_source
 
-    config = ServerConfig.build(key_source=args.key_source, key_file=args.key_file, key_epoch=args.key_epoch)
+    config = ServerConfig.build(
+        key_source=args.key_source,
+        key_file=args.key_file,
+        key_epoch=args.key_epoch,
+        dstack_socket=args.dstack_socket,
+    )
     signer = load_signer(make_key_source(config), config.key_epoch)
     info = {
         "key_source": config.key_source,

@@ -144,3 +144,9 @@ def test_engine_errors_come_back_in_the_envelope(vllm_server: str) -> None:
         error = response.json()["error"]
         assert set(error) == {"message", "type", "param", "code", "status"}
         assert error["status"] == response.status_code
+
+
+def test_metrics_combine_vllms_and_ours(vllm_server: str) -> None:
+    text = httpx.get(vllm_server + "/metrics", timeout=30).text
+    assert "vllm:" in text  # the engine's own metrics, in-process or proxied
+    assert "tee_inference_requests_total" in text

@@ -10,7 +10,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 
 .PHONY: run run-fake test test-slow lint bench engine model lock clean image reproduce measurements \
-	measurements-check pin-base
+	measurements-check pin-base nvsdk-env
 
 ## make run: a real vLLM (CPU build here, CUDA on a GPU host) serving SmolLM2-135M-Instruct
 ## behind the signing middleware, with the simulated TEE.
@@ -68,6 +68,10 @@ $(VENV)/.stamp: requirements/dev.txt requirements/build.txt pyproject.toml
 
 engine:
 	VLLM_VENV=$(abspath $(ENGINE_VENV)) ./scripts/vllm-env.sh
+
+## make nvsdk-env: the venv for the optional `verify --gpu-backend nvidia-sdk` (build/nvsdk-venv).
+nvsdk-env:
+	./scripts/nvsdk-env.sh
 
 model: engine
 	VLLM_VENV=$(abspath $(ENGINE_VENV)) ./scripts/prepare-model.sh $(abspath $(MODEL_DIR))

@@ -13,11 +13,13 @@ import os
 import sys
 import textwrap
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from cryptography import x509
 
 from tee_inference.verify.measurements import load_expected_measurements
+from tee_inference.verify.nvsdk import DEFAULT_PYTHON, NvidiaSdkBackend
 from tee_inference.verify.policy import KNOWN_TCB_STATUSES, VerificationPolicy
 from tee_inference.verify.quote import load_collateral
 from tee_inference.verify.results import Status, VerificationError, VerificationResult
@@ -65,6 +67,14 @@ def _evidence_options(p: argparse.ArgumentParser, *, report: bool) -> None:
         p.add_argument(
             "--nvidia-root", metavar="PEM", help="GPU trust anchor instead of the pinned NVIDIA root"
         )
+        p.add_argument(
+            "--gpu-backend", choices=["builtin", "nvidia-sdk"], default="builtin",
+            help="nvidia-sdk: also run NVIDIA's nv-attestation-sdk (own venv: scripts/nvsdk-env.sh)",
+        )  # fmt: skip
+        p.add_argument(
+            "--nvidia-sdk-python", metavar="PATH", type=Path, default=DEFAULT_PYTHON,
+            help=f"python of the nv-attestation-sdk venv (default: {DEFAULT_PYTHON})",
+        )  # fmt: skip
 
 
 def add_verify_parser(
@@ -123,6 +133,8 @@ def _verifier(args: argparse.Namespace) -> Verifier:
         except ValueError as exc:
             raise VerificationError(f"{args.nvidia_root} is not a PEM certificate: {exc}") from None
         verifier = Verifier(intel_root=verifier.intel_root, nvidia_root=root)
+    if getattr(args, "gpu_backend", "builtin") == "nvidia-sdk":
+        verifier = replace(verifier, nvidia_sdk=NvidiaSdkBackend(python=args.nvidia_sdk_python))
     return verifier
 
 

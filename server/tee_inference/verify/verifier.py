@@ -14,10 +14,12 @@ from typing import Any
 
 from cryptography import x509
 
+from tee_inference.attestation.nvidia import GpuAttestationError, NvidiaPayload
 from tee_inference.verify import events as ev
 from tee_inference.verify import report as rp
 from tee_inference.verify.gpu import check_gpu, check_nras
 from tee_inference.verify.measurements import MeasuredValues
+from tee_inference.verify.nvsdk import GPU_NVIDIA_SDK, NvidiaSdkBackend
 from tee_inference.verify.policy import MEASUREMENTS, VerificationPolicy
 from tee_inference.verify.quote import check_quote, fetch_collateral
 from tee_inference.verify.results import CheckResult, Status, VerificationError, VerificationResult
@@ -26,10 +28,15 @@ from tee_inference.verify.trust import load_intel_root, production_nvidia_root
 
 @dataclass(frozen=True)
 class Verifier:
-    """Verifies quotes and attestation reports under explicit trust roots."""
+    """Verifies quotes and attestation reports under explicit trust roots.
+
+    ``nvidia_sdk``, when set, adds NVIDIA's nv-attestation-sdk as an extra, required GPU check
+    (``gpu_nvidia_sdk``) next to ours; it replaces none of them.
+    """
 
     intel_root: x509.Certificate
     nvidia_root: x509.Certificate
+    nvidia_sdk: NvidiaSdkBackend | None = None
 
     @classmethod
     def production(cls) -> Verifier:
@@ -131,6 +138,8 @@ class Verifier:
             checks.append(
                 CheckResult.skipped("gpu_nras", "offline: NVIDIA's NRAS not asked (--nras)", required=False)
             )
+        if self.nvidia_sdk is not None:
+            checks.append(_nvidia_sdk(self.nvidia_sdk, parsed.nvidia_payload, expected_nonce))
         simulated = qc.simulated or gc.simulated
         checks.append(rp.check_simulated(parsed.info, qc.simulated, gc.simulated, policy.simulated.allowed))
         if not _nested:
@@ -176,6 +185,16 @@ def _measurements(policy: VerificationPolicy, measured: MeasuredValues | None) -
             MEASUREMENTS, f"no expected-measurements file (--expect); measured {shown}", required=False
         )
     return policy.measurements.evaluate(measured)
+
+
+def _nvidia_sdk(backend: NvidiaSdkBackend, payload_text: str | None, nonce: bytes) -> CheckResult:
+    if not payload_text:
+        return CheckResult.skipped(GPU_NVIDIA_SDK, "no GPU evidence to hand to nv-attestation-sdk")
+    try:
+        payload = NvidiaPayload.from_json(payload_text)
+    except GpuAttestationError:
+        return CheckResult.skipped(GPU_NVIDIA_SDK, "nvidia_payload did not parse")  # gpu_evidence fails
+    return backend.verify(payload, nonce)
 
 
 def _raw(quote: bytes | str) -> bytes:  # pragma: no cover - only for the online collateral fetch

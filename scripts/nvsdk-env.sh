@@ -22,33 +22,15 @@ PYTHON="${PYTHON:-python3}"
 VENV="${NVSDK_VENV:-$ROOT/build/nvsdk-venv}"
 LOCK="requirements/nvsdk.txt"
 STAMP="$VENV/.tee-inference-stamp"
-VERBOSE="${VERBOSE:-0}"
 
-step() { printf '[nvsdk-env] %s\n' "$*"; }
-
-# Runs a command quietly; on failure shows its output, so a broken install is never silent.
-run() {
-    if [[ "$VERBOSE" == 1 ]]; then
-        "$@"
-        return
-    fi
-    local log
-    log="$(mktemp)"
-    if ! "$@" >"$log" 2>&1; then
-        cat "$log" >&2
-        rm -f "$log"
-        return 1
-    fi
-    rm -f "$log"
-}
+NAME="nvsdk-env"
+# shellcheck source=scripts/venv-lib.sh
+source "$ROOT/scripts/venv-lib.sh"
 
 compile_lock() {
-    local tools="$ROOT/build/pip-tools-venv"
+    local tools
+    tools="$(pip_tools)"
     step "pip-tools venv: $tools"
-    [[ -x "$tools/bin/pip-compile" ]] || {
-        run "$PYTHON" -m venv "$tools"
-        run "$tools/bin/pip" install --quiet pip-tools
-    }
     step "pip-compile -> $LOCK"
     CUSTOM_COMPILE_COMMAND="scripts/nvsdk-env.sh --compile" \
         run "$tools/bin/pip-compile" --quiet --generate-hashes --strip-extras --allow-unsafe \
@@ -56,9 +38,7 @@ compile_lock() {
 }
 
 lock_digest() {
-    # The script itself is part of the recipe: a change to how the venv is built rebuilds it.
-    cat "$LOCK" "${BASH_SOURCE[0]}" | "$PYTHON" -c \
-        'import hashlib, sys; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest())'
+    recipe_digest "$LOCK" "${BASH_SOURCE[0]}" "$ROOT/scripts/venv-lib.sh"
 }
 
 if [[ "${1:-}" == "--compile" ]]; then
@@ -66,16 +46,10 @@ if [[ "${1:-}" == "--compile" ]]; then
     exit 0
 fi
 
-if [[ "$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')" != "3.11" ]]; then
-    step "error: $PYTHON is not Python 3.11; the lock is compiled for 3.11" >&2
-    exit 1
-fi
+require_python_311
 
 digest="$(lock_digest)"
-if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$digest" && -x "$VENV/bin/python" ]]; then
-    step "up to date: $VENV"
-    exit 0
-fi
+exit_if_up_to_date "$digest"
 
 step "creating $VENV (from scratch)"
 rm -rf "$VENV"

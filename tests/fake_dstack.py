@@ -13,19 +13,17 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from servers import running
 from tee_inference.attestation.eventlog import EventLog, simulated_boot_events
 from tee_inference.attestation.tdx_simulated import SimulatedQuoteSigner
 
@@ -152,17 +150,5 @@ class FakeDstackAgent:
 def serve_fake_dstack(socket_path: Path, agent: FakeDstackAgent | None = None) -> Iterator[FakeDstackAgent]:
     """Run the fake agent on ``socket_path`` in a thread for the duration of the block."""
     agent = agent or FakeDstackAgent()
-    config = uvicorn.Config(agent.app, uds=str(socket_path), log_level="warning", lifespan="off")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError(f"fake dstack agent did not start on {socket_path}")
-        time.sleep(0.01)
-    try:
+    with running(agent.app, uds=socket_path, lifespan="off"):
         yield agent
-    finally:
-        server.should_exit = True
-        thread.join(10)

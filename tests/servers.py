@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import uvicorn
 
@@ -20,20 +21,25 @@ def free_port() -> int:
 
 
 @contextmanager
-def running(app: ASGIApp) -> Iterator[str]:
-    """Serve `app` with uvicorn on a free loopback port; yields the base URL."""
-    port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="on", log_level="warning")
+def running(app: ASGIApp, *, uds: Path | None = None, lifespan: str = "on") -> Iterator[str]:
+    """Serve `app` with uvicorn on a free loopback port (or a Unix socket); yields its URL."""
+    if uds is None:
+        port = free_port()
+        config = uvicorn.Config(app, host="127.0.0.1", port=port, lifespan=lifespan, log_level="warning")
+        url = f"http://127.0.0.1:{port}"
+    else:
+        config = uvicorn.Config(app, uds=str(uds), lifespan=lifespan, log_level="warning")
+        url = f"unix:{uds}"
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
     while not server.started:
         if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("test server did not start")
+            raise RuntimeError(f"test server did not start at {url}")
         time.sleep(0.01)
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield url
     finally:
         server.should_exit = True
         thread.join(10)

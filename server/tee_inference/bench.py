@@ -26,7 +26,7 @@ from typing import Any
 import anyio
 import httpx
 
-from tee_inference.asgi import ASGIApp, Message
+from tee_inference.asgi import ASGIApp, Message, one_shot_receive
 from tee_inference.config import ServerConfig
 from tee_inference.engines.fake import FakeEngine
 from tee_inference.engines.vllm import free_port
@@ -61,16 +61,6 @@ def bench_sign(seconds: float) -> dict[str, Any]:
 
 
 async def _asgi_request(app: ASGIApp, body: bytes, path: str = "/v1/chat/completions") -> None:
-    sent = False
-
-    async def receive() -> Message:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        await anyio.sleep_forever()
-        return {"type": "http.disconnect"}
-
     async def send(message: Message) -> None:
         return None
 
@@ -78,7 +68,7 @@ async def _asgi_request(app: ASGIApp, body: bytes, path: str = "/v1/chat/complet
              "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "", "scheme": "http",
              "headers": [(b"content-type", b"application/json"), (b"host", b"bench")],
              "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2)}  # fmt: skip
-    await app(scope, receive, send)
+    await app(scope, one_shot_receive(body), send)
 
 
 def bench_asgi(seconds: float, tokens: int, rounds: int = 5) -> dict[str, Any]:

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import logging
 
-import anyio
-
-from tee_inference.asgi import ASGIApp, Message, Scope
+from tee_inference.asgi import ASGIApp, Message, Scope, one_shot_receive
 
 log = logging.getLogger("tee_inference.subrequest")
 
@@ -31,17 +29,6 @@ async def call_app(
         "query_string": b"",
         "headers": [(b"accept", b"application/json"), (b"host", b"localhost")],
     }
-    sent = False
-
-    async def receive() -> Message:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": b"", "more_body": False}
-        # The caller never goes away: wait until the app is done with us and cancels.
-        await anyio.sleep_forever()
-        return {"type": "http.disconnect"}
-
     status = 500
     headers: list[tuple[bytes, bytes]] = []
     body = bytearray()
@@ -57,7 +44,7 @@ async def call_app(
                 raise ResponseTooLarge(path)
 
     try:
-        await app(sub_scope, receive, send)
+        await app(sub_scope, one_shot_receive(b""), send)
     except ResponseTooLarge:
         return 502, [], b""
     except Exception:

@@ -1,4 +1,4 @@
-"""Shared fixtures: the real attestation vectors beside the project, skipped cleanly when absent."""
+"""Shared fixtures: the real attestation vectors copied into tests/data (see its README)."""
 
 from __future__ import annotations
 
@@ -6,12 +6,10 @@ from pathlib import Path
 
 import pytest
 
-VECTORS = Path(__file__).resolve().parents[2] / "shared" / "vectors"
+from support.paths import DATA
 
 
 @pytest.fixture(scope="session")
 def vectors() -> Path:
-    """Root of ../shared/vectors; tests that need real data skip when it is not there."""
-    if not VECTORS.is_dir():
-        pytest.skip(f"real test vectors not found at {VECTORS}")
-    return VECTORS
+    """Root of the real attestation vectors (tests/data/vectors), part of this repository."""
+    return DATA / "vectors"

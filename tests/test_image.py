@@ -17,7 +17,9 @@ from types import ModuleType
 
 import pytest
 
-IMAGE_DIR = Path(__file__).resolve().parent.parent / "image"
+from support.paths import REPO
+
+IMAGE_DIR = REPO / "image"
 
 
 def _load(name: str) -> ModuleType:

@@ -9,14 +9,14 @@ from __future__ import annotations
 import subprocess
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
-from servers import running
-from signed_client import signed_completion
+from support.paths import CONFORMANCE
+from support.servers import running
+from support.signed_client import signed_completion
 from tee_inference.config import ServerConfig
 from tee_inference.engines.fake import FakeEngine
 from tee_inference.engines.proxy import create_proxy_app
@@ -24,7 +24,6 @@ from tee_inference.middleware import SigningMiddleware
 from tee_inference.services import Services
 
 MODEL = "fake-model"
-CONFORMANCE = Path(__file__).resolve().parents[2] / "shared" / "conformance" / "check.py"
 
 
 def _services(**config: object) -> Services:

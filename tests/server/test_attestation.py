@@ -15,7 +15,7 @@ import anyio
 import httpx
 import pytest
 
-from servers import running
+from support.servers import running
 from tee_inference.attestation.eventlog import (
     EVENT_MODEL_WEIGHTS,
     EVENT_SIGNING_KEY,

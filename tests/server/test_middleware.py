@@ -11,7 +11,7 @@ import anyio
 import httpx
 import pytest
 
-from servers import running
+from support.servers import running
 from tee_inference.asgi import ASGIApp, Receive, Scope, Send
 from tee_inference.config import ServerConfig
 from tee_inference.engines.fake import FakeEngine, _Reply

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fake_tdx_guest import EXTEND_RTMR, FAKE_MRTD, GET_REPORT0, FakeTdxGuestDevice
+from fakes.tdx_guest import EXTEND_RTMR, FAKE_MRTD, GET_REPORT0, FakeTdxGuestDevice
 from tee_inference.tee.tdx_guest import (
     RtmrExtendUnsupportedError,
     TdxGuest,

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from servers import running
+from support.servers import running
 from tee_inference.config import ServerConfig
 from tee_inference.engines.fake import FakeEngine
 from tee_inference.engines.proxy import create_proxy_app

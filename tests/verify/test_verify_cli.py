@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from simulated_report import SimulatedNode
+from support.simulated_report import SimulatedNode
 from tee_inference.signing import sha256_hex
 from tee_inference.verify import (
     MeasurementsFormatError,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from fake_dstack import FakeDstackAgent, serve_fake_dstack
+from fakes.dstack import FakeDstackAgent, serve_fake_dstack
 from tee_inference.attestation.eventlog import compare_rtmrs, load_event_log
 from tee_inference.attestation.tdx_quote import load_quote, parse_quote
 from tee_inference.keys import KeySource, KeySourceError, derive_signer

@@ -20,13 +20,13 @@ import httpx
 import openai
 import pytest
 
-from servers import free_port
-from signed_client import signed_completion
+from support.paths import CONFORMANCE, REPO
+from support.servers import free_port
+from support.signed_client import signed_completion
 
 pytestmark = pytest.mark.slow
 
 MODEL = "SmolLM2-135M-Instruct"
-CONFORMANCE = Path(__file__).resolve().parents[2] / "shared" / "conformance" / "check.py"
 
 
 def _paths() -> tuple[Path, Path]:
@@ -114,7 +114,7 @@ def test_conformance_script_against_vllm(vllm_server: str) -> None:
 
 def test_verifier_accepts_the_committed_weights_root(vllm_server: str, tmp_path: Path) -> None:
     """The root in measurements/ is what the server measures at boot from the prepared model."""
-    committed = json.loads((Path(__file__).parents[1] / "measurements" / "expected.json").read_text())
+    committed = json.loads((REPO / "measurements" / "expected.json").read_text())
     only_models = {"format": committed["format"], "models": committed["models"]}
     (tmp_path / "models.json").write_text(json.dumps(only_models))
     result = subprocess.run(

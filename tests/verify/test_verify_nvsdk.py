@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from simulated_report import SimulatedNode
+from support.paths import REPO
+from support.simulated_report import SimulatedNode
 from tee_inference.attestation.nvidia import GpuEvidenceEntry, NvidiaPayload
 from tee_inference.verify import Status, VerificationPolicy, Verifier
 from tee_inference.verify.cli import main as cli_main
@@ -19,7 +20,6 @@ from tee_inference.verify.nvsdk import BRIDGE, GPU_NVIDIA_SDK, NOT_INSTALLED, Nv
 
 NONCE = bytes.fromhex("931d8dd0add203ac3d8b4fbde75e115278eefcdceac5b87671a748f32364dfcb")
 PAYLOAD = NvidiaPayload(NONCE, (GpuEvidenceEntry(b"\x11\xe0evidence", b"-----BEGIN CERTIFICATE-----\n"),))
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _fake_bridge(tmp_path: Path, body: str) -> NvidiaSdkBackend:

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-import fake_nvml
-from fake_nvml import FakeGpu, FakeNvml
+from fakes import nvml as fake_nvml
+from fakes.nvml import FakeGpu, FakeNvml
 from tee_inference.attestation.nvidia import (
     NvidiaPayload,
     SimulatedGpu,

@@ -23,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from servers import running
+from support.servers import running
 from tee_inference.attestation.eventlog import EventLog, simulated_boot_events
 from tee_inference.attestation.tdx_simulated import SimulatedQuoteSigner
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fake_configfs_tsm import FakeConfigfsTsm
+from fakes.configfs_tsm import FakeConfigfsTsm
 from tee_inference.attestation.tdx_quote import parse_quote
 from tee_inference.tee.configfs_tsm import (
     ConfigfsTsm,

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from simulated_report import SimulatedNode
+from support.simulated_report import SimulatedNode
 from tee_inference.verify import (
     AnyOf,
     MeasurementPolicy,

@@ -11,9 +11,9 @@ from pathlib import Path
 import anyio
 import pytest
 
-from fake_configfs_tsm import FakeConfigfsTsm
-from fake_nvml import FakeGpu, FakeNvml
-from fake_tdx_guest import FakeTdxGuestDevice
+from fakes.configfs_tsm import FakeConfigfsTsm
+from fakes.nvml import FakeGpu, FakeNvml
+from fakes.tdx_guest import FakeTdxGuestDevice
 from tee_inference.attestation.eventlog import EVENT_MODEL_WEIGHTS, EVENT_SIGNING_KEY, load_event_log, replay
 from tee_inference.attestation.nvidia import SimulatedGpu
 from tee_inference.attestation.tdx_quote import parse_quote

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from fake_configfs_tsm import FakeConfigfsTsm
-from fake_tdx_guest import FakeTdxGuestDevice
+from fakes.configfs_tsm import FakeConfigfsTsm
+from fakes.tdx_guest import FakeTdxGuestDevice
 from tee_inference.attestation.eventlog import (
     DSTACK_RUNTIME_EVENT_TYPE,
     compare_rtmrs,

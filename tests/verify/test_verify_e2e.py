@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from servers import running
+from support.servers import running
 from tee_inference.config import ServerConfig
 from tee_inference.engines.fake import FakeEngine
 from tee_inference.middleware import SigningMiddleware

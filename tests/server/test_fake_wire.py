@@ -6,14 +6,14 @@ Compared against bytes captured from a real vLLM (tests/data/vllm_wire/, see its
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import pytest
 
+from support.paths import DATA
 from tee_inference.engines.fake import _json, _Reply
 
-WIRE = Path(__file__).parent / "data" / "vllm_wire"
+WIRE = DATA / "vllm_wire"
 
 
 def skeleton(value: Any) -> Any:

@@ -113,7 +113,7 @@ def nvml_facts() -> dict[str, Any]:
 
 def provider_run() -> dict[str, Any]:
     try:
-        from tee_inference.tee.gpu import NvmlGpuProvider
+        from tee_inference.tee.gpu_nvml import NvmlGpuProvider
     except ImportError as exc:
         return {"import": _error(exc)}
     provider = NvmlGpuProvider()

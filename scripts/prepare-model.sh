@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Produces build/models/SmolLM2-135M-Instruct (or $1) with the engine venv's python.
-# Idempotent: tee_inference.model_prep skips the work when the directory is already complete.
+# Idempotent: scripts/model_prep.py skips the work when the directory is already complete.
 # Creates/refreshes the engine venv first (itself a no-op when up to date).
 set -euo pipefail
 
@@ -15,7 +15,7 @@ echo "[prepare-model] $OUT"
 # Quiet unless it fails (transformers draws progress bars on stderr).
 log="$(mktemp)"
 if ! HF_HUB_OFFLINE=1 HF_HOME="$ROOT/build/cache/hf" TRANSFORMERS_VERBOSITY=error \
-    HF_HUB_DISABLE_PROGRESS_BARS=1 "$VENV/bin/python" -m tee_inference.model_prep "$OUT" >"$log" 2>&1; then
+    HF_HUB_DISABLE_PROGRESS_BARS=1 "$VENV/bin/python" scripts/model_prep.py "$OUT" >"$log" 2>&1; then
     cat "$log" >&2
     rm -f "$log"
     exit 1

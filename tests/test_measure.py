@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tee_inference.cli import main as measure_main
 from tee_inference.measure import (
     MANIFEST_HEADER,
     MeasurementError,
@@ -20,7 +21,6 @@ from tee_inference.measure import (
     measure_model,
     parse_manifest,
 )
-from tee_inference.measure_cli import main as measure_main
 
 
 @pytest.fixture
@@ -214,7 +214,7 @@ def test_cli_json_manifest_and_check(model: Path, tmp_path: Path, capsys: pytest
 
 def test_cli_module_runs(model: Path) -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "tee_inference.measure_cli", "measure", "model", str(model)],
+        [sys.executable, "-m", "tee_inference", "measure", "model", str(model)],
         capture_output=True,
         text=True,
         check=True,

@@ -10,28 +10,26 @@ Never run as timed assertions in the test suite: numbers are reported, not judge
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
-import logging
 import os
 import signal
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import anyio
 import httpx
 
 from tee_inference.asgi import ASGIApp, Message, one_shot_receive
+from tee_inference.boot import boot
 from tee_inference.config import ServerConfig
 from tee_inference.engines.fake import FakeEngine
 from tee_inference.engines.vllm import free_port
 from tee_inference.middleware import SigningMiddleware
-from tee_inference.services import Services
 
 MODEL = "bench-model"
 
@@ -51,7 +49,7 @@ def _timed(fn: Callable[[], object], seconds: float) -> tuple[int, float]:
 
 
 def bench_sign(seconds: float) -> dict[str, Any]:
-    services = Services.start(ServerConfig.build(served_models=(MODEL,)))
+    services = boot(ServerConfig.build(served_models=(MODEL,)))
     a, b = hashlib.sha256(b"req").hexdigest(), hashlib.sha256(b"resp").hexdigest()
     n_base, t_base = _timed(lambda: hashlib.sha256(b"x" * 512).hexdigest(), seconds / 2)
     n_sign, t_sign = _timed(lambda: services.signer.sign(a, b), seconds / 2)
@@ -72,7 +70,7 @@ async def _asgi_request(app: ASGIApp, body: bytes, path: str = "/v1/chat/complet
 
 
 def bench_asgi(seconds: float, tokens: int, rounds: int = 5) -> dict[str, Any]:
-    services = Services.start(ServerConfig.build(served_models=(MODEL,)))
+    services = boot(ServerConfig.build(served_models=(MODEL,)))
     engine = FakeEngine(MODEL)
     apps: dict[str, ASGIApp] = {"baseline": engine, "signed": SigningMiddleware(engine, services=services)}
     out: dict[str, Any] = {}
@@ -185,45 +183,3 @@ def bench_http(seconds: float, tokens: int, concurrency: int) -> dict[str, Any]:
             os.killpg(process.pid, signal.SIGTERM)
             process.wait(10)
     return out
-
-
-def add_bench_parser(commands: Any) -> None:
-    bench = commands.add_parser("bench", help="measure the signing overhead against the bare fake engine")
-    bench.add_argument("--seconds", type=float, default=4.0, help="time per measurement pair")
-    bench.add_argument("--tokens", type=int, default=64, help="tokens per completion")
-    bench.add_argument("--concurrency", type=int, default=8, help="concurrent HTTP clients")
-    bench.add_argument("--only", choices=["sign", "asgi", "http"], action="append", help="run only these")
-    bench.add_argument("--json", action="store_true")
-
-
-def run_bench(args: argparse.Namespace) -> int:
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    logging.getLogger("tee_inference").setLevel(logging.WARNING)
-    selected = args.only or ["sign", "asgi", "http"]
-    steps: dict[str, Callable[[], Awaitable[Any] | Any]] = {
-        "sign": lambda: bench_sign(args.seconds),
-        "asgi": lambda: bench_asgi(args.seconds, args.tokens),
-        "http": lambda: bench_http(args.seconds, args.tokens, args.concurrency),
-    }
-    report = {"tokens": args.tokens, "concurrency": args.concurrency, "cpus": os.cpu_count()}
-    for name in selected:
-        report[name] = steps[name]()
-    if args.json:
-        print(json.dumps(report, indent=2))
-        return 0
-    print(f"tee-inference bench: {args.tokens} tokens per completion, {os.cpu_count()} CPUs")
-    if "sign" in report:
-        s = report["sign"]
-        print(f"  sign      ecdsa+ed25519 {s['sign_both_us']} µs per completion "
-              f"(sha256 of 512 B: {s['hash_512b_us']} µs)")  # fmt: skip
-    if "asgi" in report:
-        for key, r in report["asgi"].items():
-            print(f"  asgi      {key:6} baseline {r['baseline_us']} µs, signed {r['signed_us']} µs "
-                  f"(+{r['overhead_us']} µs per request), ratio {r['ratio']}")  # fmt: skip
-    if "http" in report:
-        for key, r in report["http"].items():
-            print(f"  http      {key:6} rps ratio {r['rps_ratio']}, p50 ratio {r['p50_ratio']} "
-                  f"(baseline {r['baseline']['rps']} rps p50 {r['baseline']['p50_ms']} ms; "
-                  f"signed {r['signed']['rps']} rps p50 {r['signed']['p50_ms']} ms, "
-                  f"ttfb {r['signed']['ttfb_p50_ms']} ms vs {r['baseline']['ttfb_p50_ms']} ms)")  # fmt: skip
-    return 0

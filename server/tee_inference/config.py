@@ -15,11 +15,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
+from tee_inference.exceptions import ConfigError
+from tee_inference.keys import DSTACK_KEY_PATH
+
 ENV_PREFIX = "TEE_INFERENCE_"
-
-
-class ConfigError(ValueError):
-    """The configuration is inconsistent or incomplete; the message says which setting."""
 
 
 class ServerConfig(BaseModel):
@@ -32,7 +31,7 @@ class ServerConfig(BaseModel):
     # With tee=tdx: quotes from the kernel's configfs-tsm, or from the dstack guest agent.
     tdx_provider: Literal["configfs", "dstack"] = "configfs"
     dstack_socket: Path = Path("/var/run/dstack.sock")
-    dstack_key_path: str = "tee-inference/signing-key"
+    dstack_key_path: str = DSTACK_KEY_PATH
     # Name of the environment variable that holds the bearer token; None = no auth.
     api_key_env: str | None = None
     # Served model names that pass the gate. Empty: ask the engine's /v1/models once.

@@ -11,18 +11,21 @@ from __future__ import annotations
 import os
 import secrets
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from tee_inference.exceptions import KeySourceError
 from tee_inference.signing import SECP256K1_ORDER, CompletionSigner, EcdsaSigner, Ed25519Signer
 
+if TYPE_CHECKING:
+    from tee_inference.config import ServerConfig
+
 _HKDF_SALT = b"tee-inference/signing-key/v1"
-
-
-class KeySourceError(RuntimeError):
-    """The key source cannot provide a secret; the message never contains key material."""
+# The dstack KMS path the root secret is asked under: part of the key's identity, so it has
+# exactly one default.
+DSTACK_KEY_PATH: Final = "tee-inference/signing-key"
 
 
 class KeySource(Protocol):
@@ -99,3 +102,15 @@ def derive_signer(secret: bytes, epoch: int) -> CompletionSigner:
 
 def load_signer(source: KeySource, epoch: int) -> CompletionSigner:
     return derive_signer(source.root_secret(), epoch)
+
+
+def make_key_source(config: ServerConfig) -> KeySource:
+    """The key source the configuration names (the dstack client is imported only when used)."""
+    if config.key_source == "random":
+        return RandomKeySource()
+    if config.key_source == "file":
+        assert config.key_file is not None  # the config validator guarantees it
+        return FileKeySource(config.key_file)
+    from tee_inference.tee.dstack import DstackKeySource
+
+    return DstackKeySource(config.dstack_socket, config.dstack_key_path)

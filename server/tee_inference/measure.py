@@ -61,6 +61,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tee_inference.exceptions import MeasurementError
+
 MANIFEST_HEADER = "tee-inference-model-manifest/v1"
 CHUNK_SIZE = 1 << 20
 
@@ -69,15 +71,13 @@ Progress = Callable[[int, int], None]
 from worker threads."""
 
 
-class MeasurementError(Exception):
-    """The directory cannot be measured under the policy above (the message says why)."""
-
-
 class MeasurementMismatch(MeasurementError):
     """The directory differs from the expected manifest; ``path`` names the first difference."""
 
+    exit_code = 1
+
     def __init__(self, message: str, path: str | None) -> None:
-        super().__init__(message)
+        super().__init__(f"MISMATCH: {message}")
         self.path = path
 
 

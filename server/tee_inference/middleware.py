@@ -27,53 +27,68 @@ from typing import Final
 from tee_inference import routes
 from tee_inference.asgi import ASGIApp, Message, Receive, Scope, Send, header
 from tee_inference.config import ServerConfig
-from tee_inference.errors import error_body, normalize_error_body, send_error, send_json
+from tee_inference.envelope import error_body, normalize_error_body, send_error, send_json
+from tee_inference.handoff import services_for_process
 from tee_inference.services import Services
 from tee_inference.signing import CompletionSignature
 from tee_inference.sse import StreamIdScanner, completion_id_from_json
 
 log = logging.getLogger("tee_inference.middleware")
 
-COMPLETION_PATHS: Final = frozenset({"/v1/chat/completions", "/v1/completions"})
-# Modalities this server does not offer confidentially: refused, never forwarded.
-NOT_AVAILABLE_PREFIXES: Final = (
-    "/v1/embeddings",
-    "/v1/images",
-    "/v1/audio",
-    "/v1/moderations",
-    "/v1/fine_tuning",
-)
-# Every route that exists, with its methods. Anything else the engine might expose
-# (tokenizer, pooling, adapters, admin) is answered 404 here: what is reachable is what we sign.
-ROUTE_METHODS: Final[dict[str, frozenset[str]]] = {
-    "/v1/chat/completions": frozenset({"POST"}),
-    "/v1/completions": frozenset({"POST"}),
-    "/v1/models": frozenset({"GET"}),
-    "/health": frozenset({"GET", "HEAD"}),
-    "/metrics": frozenset({"GET"}),
-    "/version": frozenset({"GET"}),
-    "/v1/attestation/report": frozenset({"GET"}),
-}
 _ERROR_BODY_LIMIT: Final = 64 << 10
 _LEADING_ID = re.compile(rb'\A\s*\{\s*"id"\s*:\s*"([A-Za-z0-9._:-]{1,256})"')
+GET, POST, ANY = frozenset({"GET"}), frozenset({"POST"}), frozenset[str]()
 
 
-def classify(method: str, path: str) -> tuple[str, int]:
-    """The route name for metrics and the status the route table implies (200 = dispatch)."""
-    if path.startswith(routes.SIGNATURE_PREFIX):
-        return "signature", 200 if method == "GET" else 405
-    if path.startswith(NOT_AVAILABLE_PREFIXES):
-        return "not_available", 503
-    methods = ROUTE_METHODS.get(path)
-    if methods is None:
-        return "unknown", 404
-    return path, 200 if method in methods else 405
+async def completion(req: routes.Request) -> None:
+    await SignedExchange(req.services, req.app, req.scope, req.send).run(req.receive)
+
+
+async def engine(req: routes.Request) -> None:
+    await ErrorNormalizer(req.send).run(req.app, req.scope, req.receive)
+
+
+# Every route that exists. Anything else the engine might expose (tokenizer, pooling, adapters,
+# admin, /invocations) is answered 404 here: what is reachable is what we sign. A prefix row
+# with no methods (ANY) answers every method.
+ROUTES: Final[tuple[routes.Route, ...]] = (
+    routes.Route("/v1/chat/completions", POST, completion, "/v1/chat/completions"),
+    routes.Route("/v1/completions", POST, completion, "/v1/completions"),
+    routes.Route("/v1/models", GET, routes.models, "/v1/models"),
+    routes.Route(routes.SIGNATURE_PREFIX, GET, routes.signature, "signature", prefix=True),
+    routes.Route("/v1/attestation/report", GET, routes.attestation_report, "/v1/attestation/report"),
+    routes.Route("/metrics", GET, routes.metrics, "/metrics"),
+    routes.Route("/version", GET, engine, "/version"),
+    routes.Route("/health", frozenset({"GET", "HEAD"}), routes.health, "/health", public=True),
+    # Modalities this server does not offer confidentially: refused, never forwarded.
+    *(
+        routes.Route(prefix, ANY, routes.not_available, "not_available", prefix=True)
+        for prefix in ("/v1/embeddings", "/v1/images", "/v1/audio", "/v1/moderations", "/v1/fine_tuning")
+    ),
+)
+
+
+class RouteTable:
+    """Exact paths by dictionary, prefixes in table order: `match` is O(1) for every hot route."""
+
+    def __init__(self, table: tuple[routes.Route, ...]) -> None:
+        self.exact = {r.path: r for r in table if not r.prefix}
+        self.prefixes = tuple(r for r in table if r.prefix)
+
+    def match(self, path: str) -> routes.Route | None:
+        route = self.exact.get(path)
+        if route is None:
+            route = next((r for r in self.prefixes if path.startswith(r.path)), None)
+        return route
 
 
 class SigningMiddleware:
     def __init__(self, app: ASGIApp, config: ServerConfig | None = None, *, services: Services | None = None):
         self.app = app
-        self.services = services or Services.start(config or ServerConfig.from_env())
+        # vLLM constructs us with the app alone: the configuration comes from the environment and
+        # the boot from the launcher's handoff (or, without a launcher, is run here).
+        self.services = services or services_for_process(config or ServerConfig.from_env())
+        self.routes = RouteTable(ROUTES)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket":
@@ -84,52 +99,39 @@ class SigningMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)  # lifespan: vLLM and the proxy need theirs
             return
-        route, status = classify(scope["method"], scope["path"])
-        observed = _Observed(self.services, route, send)
+        route = self.routes.match(scope["path"])
+        observed = _Observed(self.services, route.name if route else "unknown", send)
         try:
-            await self._dispatch(route, status, scope, receive, observed.send)
+            await self._dispatch(route, scope, receive, observed.send)
         except Exception:
             # Whatever broke, the client gets the envelope (or a closed stream), never a trace.
-            log.exception("request to %s failed", route)
+            log.exception("request to %s failed", observed.route)
             if observed.status == 0:
                 await send_error(observed.send, 500, "internal error", code="internal_error")
         finally:
             observed.finish()
 
-    async def _dispatch(self, route: str, status: int, scope: Scope, receive: Receive, send: Send) -> None:
-        services = self.services
-        if route == "/health":
-            await self.app(scope, receive, send)  # load balancers probe without a token
-            return
-        if not services.authorized(header(scope, b"authorization")):
+    async def _dispatch(self, route: routes.Route | None, scope: Scope, receive: Receive, send: Send) -> None:
+        """Match, authorize unless public, 404/405, call."""
+        if (route is None or not route.public) and not self.services.authorized(
+            header(scope, b"authorization")
+        ):
             await send_error(
                 send, 401, "missing or invalid bearer token", extra_headers=[(b"www-authenticate", b"Bearer")]
             )
             return
-        if status == 404:
+        if route is None:
             await send_error(send, 404, f"no route {scope['path'][:200]!r}")
-        elif status == 405:
-            allowed = sorted(ROUTE_METHODS.get(scope["path"], frozenset({"GET"})))
+            return
+        if route.methods and scope["method"] not in route.methods:
             await send_error(
                 send,
                 405,
-                f"method {scope['method']} is not allowed here",
-                extra_headers=[(b"allow", ", ".join(allowed).encode())],
+                f"method {scope['method'][:20]} is not allowed here",
+                extra_headers=[(b"allow", ", ".join(sorted(route.methods)).encode())],
             )
-        elif status == 503:
-            await send_error(send, 503, "this endpoint is not offered by the confidential server")
-        elif scope["path"] in COMPLETION_PATHS:
-            await SignedExchange(services, self.app, scope, send).run(receive)
-        elif route == "signature":
-            await routes.signature(services, self.app, scope, send)
-        elif route == "/v1/models":
-            await routes.models(services, self.app, scope, send)
-        elif route == "/metrics":
-            await routes.metrics(services, self.app, scope, send)
-        elif route == "/v1/attestation/report":
-            await routes.attestation_report(services, self.app, scope, send)
-        else:
-            await ErrorNormalizer(send).run(self.app, scope, receive)
+            return
+        await route.handler(routes.Request(self.services, self.app, scope, receive, send))
 
 
 class _Observed:

@@ -8,7 +8,6 @@ for a server-chosen nonce may be reused for a short time.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import secrets
@@ -20,24 +19,25 @@ from typing import Any
 import anyio
 import anyio.to_thread
 
+from tee_inference.attestation.report import AttestationReport
 from tee_inference.attestation.report_data import report_data_for
-from tee_inference.signing import CompletionSigner
+from tee_inference.exceptions import TeeInferenceError
+from tee_inference.signing import SIGNING_ALGOS, CompletionSigner, SigningAlgo
 from tee_inference.tee import GpuProvider, TdxProvider
 
 log = logging.getLogger("tee_inference.reports")
 
-SIGNING_ALGOS = ("ecdsa", "ed25519")
 _NONCE = re.compile(r"[0-9a-fA-F]{64}")
 
 
-class ReportBusy(RuntimeError):
+class ReportBusy(TeeInferenceError):
     """Too many distinct reports are being collected at once."""
 
 
 @dataclass
 class _Flight:
     done: anyio.Event
-    result: dict[str, Any] | None = None
+    result: AttestationReport | None = None
     error: BaseException | None = None
 
 
@@ -62,10 +62,10 @@ class AttestationService:
         self.max_pending = max_pending
         self._clock = clock
         self._limiter = anyio.CapacityLimiter(max_concurrent_collections)
-        self._flights: dict[tuple[bytes | None, str], _Flight] = {}
-        self._cached: dict[str, tuple[float, dict[str, Any]]] = {}
+        self._flights: dict[tuple[bytes | None, SigningAlgo], _Flight] = {}
+        self._cached: dict[SigningAlgo, tuple[float, AttestationReport]] = {}
 
-    async def report(self, nonce: bytes | None, algo: str) -> dict[str, Any]:
+    async def report(self, nonce: bytes | None, algo: SigningAlgo) -> AttestationReport:
         """The report for `nonce` (None: a server-chosen one, possibly a recent one)."""
         if algo not in SIGNING_ALGOS:
             raise ValueError(f"signing_algo must be one of {', '.join(SIGNING_ALGOS)}")
@@ -98,11 +98,11 @@ class AttestationService:
         assert flight.result is not None
         return flight.result
 
-    async def _collect_in_thread(self, nonce: bytes, algo: str) -> dict[str, Any]:
+    async def _collect_in_thread(self, nonce: bytes, algo: SigningAlgo) -> AttestationReport:
         async with self._limiter:
             return await anyio.to_thread.run_sync(self.collect, nonce, algo)
 
-    def collect(self, nonce: bytes, algo: str) -> dict[str, Any]:
+    def collect(self, nonce: bytes, algo: SigningAlgo) -> AttestationReport:
         """One report, collected synchronously (blocking calls to the providers)."""
         if len(nonce) != 32:
             raise ValueError("the nonce is 32 bytes")
@@ -116,18 +116,18 @@ class AttestationService:
         quote = self.tdx.get_quote(report_data)
         events = self.tdx.event_log()
         gpu_payload = self.gpu.evidence(nonce)
-        node = {
-            "signing_address": self.signer.ecdsa.address,
-            "signing_algo": algo,
-            "signing_public_key": public_key.hex(),
-            "request_nonce": nonce.hex(),
-            "intel_quote": quote.hex(),
-            "nvidia_payload": gpu_payload.to_json(),
-            "event_log": [event.to_dict() for event in events],
-            "info": self.info,
-        }
+        report = AttestationReport(
+            signing_address=self.signer.ecdsa.address,
+            signing_algo=algo,
+            signing_public_key=public_key,
+            request_nonce=nonce,
+            intel_quote=quote.hex(),
+            nvidia_payload=gpu_payload.to_json(),
+            event_log=[event.to_dict() for event in events],
+            info=self.info,
+        )
         log.info("attestation report collected in %.3f s", time.perf_counter() - started)
-        return {**node, "all_attestations": [node]}
+        return report
 
 
 def parse_nonce(value: str | None) -> bytes | None:
@@ -137,7 +137,3 @@ def parse_nonce(value: str | None) -> bytes | None:
     if _NONCE.fullmatch(value) is None:
         raise ValueError("nonce must be 64 hex characters (32 bytes)")
     return bytes.fromhex(value)
-
-
-def report_json(report: dict[str, Any]) -> bytes:
-    return json.dumps(report, separators=(",", ":")).encode("utf-8")

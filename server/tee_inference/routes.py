@@ -1,65 +1,97 @@
-"""The endpoints the signing layer answers itself: signatures, the model list, metrics.
+"""The endpoints the signing layer answers itself, and the route table's types.
 
-Each is a plain coroutine over (services, app, scope, send) so the middleware can answer
-them in front of any engine, vLLM in-process included.
+Every handler is a coroutine over one `Request` (services, the wrapped engine app, the ASGI
+scope and channels), so the middleware can answer it in front of any engine, vLLM in-process
+included. The table that maps paths to these handlers is `middleware.ROUTES`: adding an
+endpoint is one row there and one handler here.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Final
 from urllib.parse import parse_qs
 
-from tee_inference.asgi import ASGIApp, Scope, Send
-from tee_inference.errors import normalize_error_body, send_error, send_json
-from tee_inference.reports import SIGNING_ALGOS, ReportBusy, parse_nonce, report_json
+from tee_inference.asgi import ASGIApp, Receive, Scope, Send
+from tee_inference.envelope import normalize_error_body, send_error, send_json
+from tee_inference.exceptions import TrustRootError
+from tee_inference.reports import ReportBusy, parse_nonce
 from tee_inference.services import Services
+from tee_inference.signing import SIGNING_ALGOS, parse_signing_algo
 from tee_inference.subrequest import call_app
-from tee_inference.tee import TrustRootError
 
-SIGNATURE_PREFIX = "/v1/signature/"
+SIGNATURE_PREFIX: Final = "/v1/signature/"
 _COMPLETION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,255}")
 _PROMETHEUS_TEXT = b"text/plain; version=0.0.4; charset=utf-8"
+_ALGO_MESSAGE: Final = f"signing_algo must be {' or '.join(repr(a) for a in SIGNING_ALGOS)}"
 
 
-def query_params(scope: Scope) -> dict[str, str]:
-    """First value of each query parameter; malformed encodings are ignored, not fatal."""
-    raw = scope.get("query_string", b"").decode("latin-1")
-    return {k: v[0] for k, v in parse_qs(raw, keep_blank_values=True).items()}
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One request as a handler sees it; `send` is already observed for metrics."""
+
+    services: Services
+    app: ASGIApp
+    scope: Scope
+    receive: Receive
+    send: Send
+
+    def query(self) -> dict[str, str]:
+        """First value of each query parameter; malformed encodings are ignored, not fatal."""
+        raw = self.scope.get("query_string", b"").decode("latin-1")
+        return {k: v[0] for k, v in parse_qs(raw, keep_blank_values=True).items()}
 
 
-async def check_model_param(services: Services, app: ASGIApp, scope: Scope, send: Send) -> bool:
+Handler = Callable[[Request], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """One row of the route table: a path (or a path prefix), its methods and its handler."""
+
+    path: str
+    methods: frozenset[str]
+    handler: Handler
+    name: str  # the `route` label of the metrics
+    public: bool = False  # answered without the bearer token (load balancers probe /health)
+    prefix: bool = False
+
+
+async def check_model_param(req: Request) -> bool:
     """Refuse a `model` query parameter that names a model this server does not serve."""
-    model = query_params(scope).get("model")
+    model = req.query().get("model")
     if model is None:
         return True
-    names = await services.models.names(app, scope)
+    names = await req.services.models.names(req.app, req.scope)
     if names is not None and model in names:
         return True
-    services.metrics.gate_rejections.labels("model_not_confidential").inc()
+    req.services.metrics.gate_rejections.labels("model_not_confidential").inc()
     await send_error(
-        send,
+        req.send,
         400,
-        f"model {model!r} is not served by this confidential server",
+        f"model {model[:200]!r} is not served by this confidential server",
         code="model_not_confidential",
         param="model",
     )
     return False
 
 
-async def signature(services: Services, app: ASGIApp, scope: Scope, send: Send) -> None:
-    completion_id = scope["path"][len(SIGNATURE_PREFIX) :]
-    params = query_params(scope)
-    algo = params.get("signing_algo", "ecdsa")
-    if algo not in ("ecdsa", "ed25519"):
-        await send_error(send, 400, "signing_algo must be 'ecdsa' or 'ed25519'", param="signing_algo")
+async def signature(req: Request) -> None:
+    completion_id = req.scope["path"][len(SIGNATURE_PREFIX) :]
+    algo = parse_signing_algo(req.query().get("signing_algo", "ecdsa"))
+    if algo is None:
+        await send_error(req.send, 400, _ALGO_MESSAGE, param="signing_algo")
         return
-    if not await check_model_param(services, app, scope, send):
+    if not await check_model_param(req):
         return
-    record = await services.store.get(completion_id) if _COMPLETION_ID.fullmatch(completion_id) else None
+    store = req.services.store
+    record = await store.get(completion_id) if _COMPLETION_ID.fullmatch(completion_id) else None
     if record is None:
         await send_error(
-            send, 404, f"no signature for completion {completion_id[:64]!r}", code="signature_not_found"
+            req.send, 404, f"no signature for completion {completion_id[:64]!r}", code="signature_not_found"
         )
         return
     payload: dict[str, str] = {"text": record.text, "signing_algo": algo}
@@ -69,38 +101,38 @@ async def signature(services: Services, app: ASGIApp, scope: Scope, send: Send) 
     else:
         payload["signature"] = record.ed25519.hex()
         payload["signing_public_key"] = record.ed25519_public_key.hex()
-    await send_json(send, 200, json.dumps(payload, separators=(",", ":")).encode())
+    await send_json(req.send, 200, json.dumps(payload, separators=(",", ":")).encode())
 
 
-async def attestation_report(services: Services, app: ASGIApp, scope: Scope, send: Send) -> None:
-    params = query_params(scope)
+async def attestation_report(req: Request) -> None:
+    params = req.query()
     try:
         nonce = parse_nonce(params.get("nonce"))
     except ValueError as exc:
-        await send_error(send, 400, str(exc), param="nonce", code="invalid_nonce")
+        await send_error(req.send, 400, str(exc), param="nonce", code="invalid_nonce")
         return
-    algo = params.get("signing_algo", "ecdsa")
-    if algo not in SIGNING_ALGOS:
-        await send_error(send, 400, "signing_algo must be 'ecdsa' or 'ed25519'", param="signing_algo")
+    algo = parse_signing_algo(params.get("signing_algo", "ecdsa"))
+    if algo is None:
+        await send_error(req.send, 400, _ALGO_MESSAGE, param="signing_algo")
         return
-    if not await check_model_param(services, app, scope, send):
+    if not await check_model_param(req):
         return
     try:
-        report = await services.attestation.report(nonce, algo)
+        report = await req.services.attestation.report(nonce, algo)
     except ReportBusy as exc:
-        await send_error(send, 503, str(exc), code="busy", extra_headers=[(b"retry-after", b"1")])
+        await send_error(req.send, 503, str(exc), code="busy", extra_headers=[(b"retry-after", b"1")])
         return
     except TrustRootError as exc:
-        await send_error(send, 503, f"attestation is unavailable: {exc}", code="attestation_unavailable")
+        await send_error(req.send, 503, f"attestation is unavailable: {exc}", code="attestation_unavailable")
         return
-    await send_json(send, 200, report_json(report))
+    await send_json(req.send, 200, report.to_json())
 
 
-async def models(services: Services, app: ASGIApp, scope: Scope, send: Send) -> None:
+async def models(req: Request) -> None:
     """The engine's model list, with each served base model marked confidential."""
-    status, _, body = await call_app(app, scope, "GET", "/v1/models", limit=1 << 20)
+    status, _, body = await call_app(req.app, req.scope, "GET", "/v1/models", limit=1 << 20)
     if status != 200:
-        await send_json(send, status if status >= 400 else 502, normalize_error_body(status, body))
+        await send_json(req.send, status if status >= 400 else 502, normalize_error_body(status, body))
         return
     try:
         listing = json.loads(body)
@@ -108,30 +140,39 @@ async def models(services: Services, app: ASGIApp, scope: Scope, send: Send) -> 
         if not isinstance(entries, list):
             raise TypeError("data is not a list")
     except (ValueError, KeyError, TypeError):
-        await send_error(send, 502, "the engine returned an unreadable model list")
+        await send_error(req.send, 502, "the engine returned an unreadable model list")
         return
-    known = await services.models.names(app, scope)
-    info = services.model_info()
+    known = await req.services.models.names(req.app, req.scope)
+    info = req.services.model_info()
     for entry in entries:
         if isinstance(entry, dict) and known is not None and entry.get("id") in known:
             entry["confidential_compute"] = True
             entry.update(info)
     listing["data"] = [e for e in entries if isinstance(e, dict) and e.get("confidential_compute")]
-    await send_json(send, 200, json.dumps(listing, separators=(",", ":")).encode())
+    await send_json(req.send, 200, json.dumps(listing, separators=(",", ":")).encode())
 
 
-async def metrics(services: Services, app: ASGIApp, scope: Scope, send: Send) -> None:
+async def metrics(req: Request) -> None:
     """The engine's own metrics (vLLM's, when in-process or proxied) followed by ours."""
-    status, _, engine_text = await call_app(app, scope, "GET", "/metrics", limit=16 << 20)
-    body = (engine_text if status == 200 else b"") + services.metrics.render()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 200,
-            "headers": [
-                (b"content-type", _PROMETHEUS_TEXT),
-                (b"content-length", str(len(body)).encode("ascii")),
-            ],
-        }
-    )
+    status, _, engine_text = await call_app(req.app, req.scope, "GET", "/metrics", limit=16 << 20)
+    body = (engine_text if status == 200 else b"") + req.services.metrics.render()
+    await _send_body(req.send, 200, _PROMETHEUS_TEXT, body)
+
+
+async def health(req: Request) -> None:
+    """200 (empty, as vLLM answers) while the engine says it is healthy, else a 503 envelope."""
+    status, _, _ = await call_app(req.app, req.scope, "GET", "/health", limit=64 << 10)
+    if status != 200:
+        await send_error(req.send, 503, "the engine is not healthy", code="engine_unavailable")
+        return
+    await _send_body(req.send, 200, b"application/json", b"")
+
+
+async def not_available(req: Request) -> None:
+    await send_error(req.send, 503, "this endpoint is not offered by the confidential server")
+
+
+async def _send_body(send: Send, status: int, content_type: bytes, body: bytes) -> None:
+    headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode("ascii"))]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body, "more_body": False})

@@ -4,6 +4,10 @@
 `--upstream URL`       SigningMiddleware → proxy app → an engine already running at URL.
 `--engine vllm`        vLLM child with SigningMiddleware loaded in-process (`--middleware`).
 `--engine vllm --proxy` vLLM child on a private port ← SigningMiddleware → proxy app.
+
+Every deployment boots once, here, before anything listens (`boot.boot`): a refused start is a
+`StartRefused` that the CLI prints, before vLLM spends minutes loading weights. With vLLM
+in-process, the API processes resume that boot over the launcher's handoff socket (`handoff.py`).
 """
 
 from __future__ import annotations
@@ -20,20 +24,20 @@ import httpx
 import uvicorn
 
 from tee_inference.asgi import ASGIApp
-from tee_inference.boot import make_trust_roots, measure_weights, preflight
+from tee_inference.boot import boot
 from tee_inference.config import ServerConfig
 from tee_inference.engines.fake import FakeEngine
 from tee_inference.engines.proxy import create_proxy_app
 from tee_inference.engines.vllm import (
-    EngineStartError,
     VllmProcess,
     cpu_engine_env,
     free_port,
     is_vllm_cpu,
     vllm_command,
 )
+from tee_inference.handoff import HandoffServer
 from tee_inference.middleware import SigningMiddleware
-from tee_inference.services import Services, make_key_source
+from tee_inference.services import Services
 
 log = logging.getLogger("tee_inference")
 
@@ -97,24 +101,13 @@ def _run_uvicorn(app: ASGIApp, host: str, port: int) -> int:
     return 0
 
 
-def check_trust_roots(config: ServerConfig) -> bool:
-    """The fail-closed start: every root checked, one line per failed check."""
-    results = preflight(config, make_trust_roots(config), make_key_source(config))
-    for result in results:
-        if not result.ok:
-            print(f"tee-inference: refusing to start: {result.name}: {result.detail}", file=sys.stderr)
-    return all(result.ok for result in results)
-
-
 def serve(options: ServeOptions) -> int:
     if options.config.tee == "simulated":
         print(SIMULATED_WARNING, file=sys.stderr, flush=True)
-    elif not check_trust_roots(options.config):
-        return 1
     base_url = f"http://{options.host}:{options.port}"
     if options.engine == "vllm" and options.upstream is None:
         return _serve_vllm(options, base_url)
-    services = Services.start(options.config)
+    services = boot(options.config)
     app = build_app(options, services)
     address = services.signer.ecdsa.address
     print(usage_banner(base_url, options.served_model_name, options.config.api_key_env, address), flush=True)
@@ -123,13 +116,13 @@ def serve(options: ServeOptions) -> int:
 
 def _serve_vllm(options: ServeOptions, base_url: str) -> int:
     config = options.config.model_copy(update={"served_models": (options.served_model_name,)})
-    if config.model_weights_root is not None:
-        # Refuse here, with one clear line, rather than inside vLLM's start-up.
-        measure_weights(config)
-    env = {**os.environ, **config.to_env()}
+    services = boot(config)
+    assert services.boot_state is not None  # set by boot()
+    in_process = not options.proxy
+    handoff = HandoffServer(services.boot_state).start() if in_process else None
+    env = {**os.environ, **config.to_env(), **(handoff.env() if handoff else {})}
     if is_vllm_cpu():
         env.update(cpu_engine_env(options.build_dir.resolve()))
-    in_process = not options.proxy
     port = options.port if in_process else free_port()
     host = options.host if in_process else "127.0.0.1"
     child = VllmProcess(
@@ -158,7 +151,6 @@ def _serve_vllm(options: ServeOptions, base_url: str) -> int:
             address = _signing_address(f"http://127.0.0.1:{port}", config.api_key_env)
             print(usage_banner(base_url, options.served_model_name, config.api_key_env, address), flush=True)
             return child.wait()
-        services = Services.start(config)
         app = build_app(
             ServeOptions(**{**options.__dict__, "upstream": f"http://127.0.0.1:{port}", "config": config}),
             services,
@@ -166,10 +158,9 @@ def _serve_vllm(options: ServeOptions, base_url: str) -> int:
         address = services.signer.ecdsa.address
         print(usage_banner(base_url, options.served_model_name, config.api_key_env, address), flush=True)
         return _run_uvicorn(app, options.host, options.port)
-    except EngineStartError as exc:
-        print(f"tee-inference: {exc}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         return 130
     finally:
         child.stop()
+        if handoff is not None:
+            handoff.close()

@@ -1,49 +1,30 @@
 """What one serving process holds: the boot key, the signature store, metrics, the gate's model list.
 
-Built once from the configuration when the server (or vLLM, through our middleware)
-starts. Nothing here is global: two servers in one process (as in the tests) share nothing.
+`boot.boot` (or `boot.resume`, in a vLLM API process) builds it once; the request path only
+reads it. Nothing here is global: two servers in one process (as in the tests) share nothing.
 """
 
 from __future__ import annotations
 
 import hmac
 import json
-import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from pydantic import SecretStr
 
 from tee_inference.asgi import ASGIApp, Scope
-from tee_inference.boot import (
-    TrustRoots,
-    boot_info,
-    make_trust_roots,
-    measure_weights,
-    preflight,
-    record_boot_events,
-    refuse_on_failures,
-)
-from tee_inference.config import ConfigError, ServerConfig
-from tee_inference.keys import FileKeySource, KeySource, RandomKeySource, load_signer
+from tee_inference.config import ServerConfig
 from tee_inference.metrics import ServingMetrics
 from tee_inference.reports import AttestationService
 from tee_inference.signing import CompletionSigner
 from tee_inference.store import MemorySignatureStore, SignatureStore
 from tee_inference.subrequest import call_app
+from tee_inference.tee import GpuProvider, TdxProvider
 
-log = logging.getLogger("tee_inference")
-
-
-def make_key_source(config: ServerConfig) -> KeySource:
-    if config.key_source == "random":
-        return RandomKeySource()
-    if config.key_source == "file":
-        assert config.key_file is not None  # the config validator guarantees it
-        return FileKeySource(config.key_file)
-    from tee_inference.tee.dstack import DstackKeySource
-
-    return DstackKeySource(config.dstack_socket, config.dstack_key_path)
+if TYPE_CHECKING:
+    from tee_inference.boot import BootState
 
 
 class ServedModels:
@@ -56,10 +37,6 @@ class ServedModels:
     def __init__(self, configured: tuple[str, ...]) -> None:
         self._names: frozenset[str] | None = frozenset(configured) if configured else None
         self._lock = anyio.Lock()
-
-    @property
-    def known(self) -> frozenset[str] | None:
-        return self._names
 
     async def names(self, app: ASGIApp, scope: Scope) -> frozenset[str] | None:
         """The served names, or None while the engine cannot say (not ready yet)."""
@@ -92,34 +69,21 @@ class Services:
     store: SignatureStore
     metrics: ServingMetrics
     models: ServedModels
-    key_source_name: str
     attestation: AttestationService
-    weights_root: str | None = None
+    info: dict[str, Any]
     api_key: SecretStr | None = None
+    # Set by the process that ran the boot, so a launcher can hand it to vLLM's API processes.
+    boot_state: BootState | None = None
 
     @classmethod
-    def start(cls, config: ServerConfig, roots: TrustRoots | None = None) -> Services:
-        """Boot: trust roots checked (tdx), key derived, weights measured, RTMR3 extended.
-
-        `roots` defaults to the providers the configuration names; tests pass providers
-        built on faithful fakes of the kernel and driver interfaces.
-        """
-        source = make_key_source(config)
-        if config.tee == "tdx" and source.development_only:
-            raise ConfigError(f"key source {source.name!r} is for development only and refused with tdx")
-        roots = roots or make_trust_roots(config)
-        if config.tee == "tdx":
-            refuse_on_failures(preflight(config, roots, source))
-        signer = load_signer(source, config.key_epoch)
-        weights_root = measure_weights(config)
-        record_boot_events(roots.tdx, config, signer, source.name, weights_root)
-        attestation = AttestationService(
-            tdx=roots.tdx,
-            gpu=roots.gpu,
-            signer=signer,
-            info=boot_info(config, roots, signer, source.name, weights_root),
-            server_nonce_ttl_s=config.report_cache_ttl_s,
-        )
+    def assemble(
+        cls,
+        config: ServerConfig,
+        tdx: TdxProvider,
+        gpu: GpuProvider,
+        signer: CompletionSigner,
+        info: dict[str, Any],
+    ) -> Services:
         metrics = ServingMetrics()
         store = MemorySignatureStore(
             ttl_s=config.signature_ttl_s,
@@ -128,31 +92,24 @@ class Services:
             on_evict=lambda reason: metrics.store_evictions.labels(reason).inc(),
         )
         metrics.store_entries.set_function(lambda: len(store))
-        services = cls(
+        attestation = AttestationService(
+            tdx=tdx, gpu=gpu, signer=signer, info=info, server_nonce_ttl_s=config.report_cache_ttl_s
+        )
+        return cls(
             config=config,
             signer=signer,
             store=store,
             metrics=metrics,
             models=ServedModels(config.served_models),
-            key_source_name=source.name,
             attestation=attestation,
-            weights_root=weights_root,
+            info=info,
             api_key=config.api_key(),
         )
-        log.info(
-            "signing address %s, ed25519 key %s (key source %s, epoch %d, tee %s)",
-            signer.ecdsa.address,
-            signer.ed25519.public_key.hex(),
-            source.name,
-            signer.epoch,
-            config.tee,
-        )
-        return services
 
     def model_info(self) -> dict[str, object]:
         """What /v1/models adds to each served model."""
         return {
-            "model_weights_root": self.weights_root,
+            "model_weights_root": self.info.get("model_weights_root"),
             "tee": self.config.tee,
             "simulated": self.config.tee == "simulated",
         }

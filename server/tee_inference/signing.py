@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 from dataclasses import dataclass
+from typing import Final, Literal
 
 import coincurve
 from Crypto.Hash import keccak
@@ -19,6 +20,19 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from eth_utils.address import to_checksum_address
 
 SECP256K1_ORDER = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
+
+# The two signature algorithms of SPEC §2, named as the API names them.
+SigningAlgo = Literal["ecdsa", "ed25519"]
+SIGNING_ALGOS: Final[tuple[SigningAlgo, ...]] = ("ecdsa", "ed25519")
+
+
+def parse_signing_algo(value: object) -> SigningAlgo | None:
+    """The algorithm a request or report names, or None when it names none of ours."""
+    if value == "ecdsa":
+        return "ecdsa"
+    if value == "ed25519":
+        return "ed25519"
+    return None
 
 
 def sha256_hex(data: bytes) -> str:

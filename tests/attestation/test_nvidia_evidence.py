@@ -16,31 +16,33 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 from tee_inference.attestation import nvidia_certs
-from tee_inference.attestation.nvidia import (
+from tee_inference.attestation.nvidia_certs import (
     NVIDIA_DEVICE_IDENTITY_CA_SHA256,
+    GpuCertificateChainError,
+    GpuTrustAnchorError,
+    certificate_fwid,
+    decode_certificate_chain,
+    load_nvidia_root,
+    verify_certificate_chain,
+)
+from tee_inference.attestation.nvidia_nras import (
+    NrasResponseError,
+    NrasSignatureError,
+    parse_nras_response,
+    verify_nras_jwt,
+)
+from tee_inference.attestation.nvidia_payload import NvidiaPayload, NvidiaPayloadError, decode_evidence
+from tee_inference.attestation.nvidia_simulated import SimulatedGpu
+from tee_inference.attestation.nvidia_spdm import (
     OPAQUE_FIELD_FWID,
     GpuAttestationError,
-    GpuCertificateChainError,
     GpuEvidence,
     GpuEvidenceFormatError,
     GpuEvidenceSignatureError,
     GpuNonceMismatchError,
-    GpuTrustAnchorError,
-    NrasResponseError,
-    NrasSignatureError,
-    NvidiaPayload,
-    NvidiaPayloadError,
-    SimulatedGpu,
-    certificate_fwid,
-    decode_certificate_chain,
-    decode_evidence,
-    load_nvidia_root,
     parse_gpu_evidence,
-    parse_nras_response,
-    verify_certificate_chain,
     verify_evidence_nonce,
     verify_evidence_signature,
-    verify_nras_jwt,
 )
 
 HOPPER_NONCE = "931d8dd0add203ac3d8b4fbde75e115278eefcdceac5b87671a748f32364dfcb"

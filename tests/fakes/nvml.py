@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any, ClassVar
 
-from tee_inference.attestation.nvidia import SimulatedGpu
+from tee_inference.attestation.nvidia_simulated import SimulatedGpu
 
 NVML_SUCCESS = 0
 # nvmlReturn_t codes and the class names nvidia-ml-py generates for them.

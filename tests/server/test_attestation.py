@@ -23,24 +23,25 @@ from tee_inference.attestation.eventlog import (
     load_event_log,
     replay,
 )
-from tee_inference.attestation.nvidia import NvidiaPayload, parse_gpu_evidence, verify_evidence_signature
+from tee_inference.attestation.nvidia_payload import NvidiaPayload
+from tee_inference.attestation.nvidia_spdm import parse_gpu_evidence, verify_evidence_signature
 from tee_inference.attestation.report_data import report_data_for
 from tee_inference.attestation.tdx_quote import load_pck_chain, parse_quote, verify_quote_ecdsa
-from tee_inference.boot import StartRefused
+from tee_inference.boot import StartRefused, boot
 from tee_inference.config import ServerConfig
 from tee_inference.engines.fake import FakeEngine
 from tee_inference.middleware import SigningMiddleware
 from tee_inference.reports import AttestationService, ReportBusy, parse_nonce
 from tee_inference.services import Services
-from tee_inference.tee.gpu import SimulatedGpuProvider
-from tee_inference.tee.simulated import SimulatedTdxProvider
+from tee_inference.tee.gpu_simulated import SimulatedGpuProvider
+from tee_inference.tee.tdx_simulated import SimulatedTdxProvider
 
 MODEL = "fake-model"
 
 
 @pytest.fixture(scope="module")
 def served() -> Iterator[tuple[str, Services]]:
-    services = Services.start(ServerConfig.build(served_models=(MODEL,)))
+    services = boot(ServerConfig.build(served_models=(MODEL,)))
     with running(SigningMiddleware(FakeEngine(MODEL), services=services)) as url:
         yield url, services
 
@@ -129,7 +130,7 @@ class _CountingTdx(SimulatedTdxProvider):
 
 
 def _service(tdx: SimulatedTdxProvider, **kwargs: Any) -> AttestationService:
-    services = Services.start(ServerConfig.build(served_models=(MODEL,)))
+    services = boot(ServerConfig.build(served_models=(MODEL,)))
     return AttestationService(tdx=tdx, gpu=SimulatedGpuProvider(), signer=services.signer, info={}, **kwargs)
 
 
@@ -205,18 +206,16 @@ def test_parse_nonce() -> None:
 def test_model_weights_are_measured_and_checked(tmp_path) -> None:  # type: ignore[no-untyped-def]
     (tmp_path / "config.json").write_text("{}")
     (tmp_path / "model.safetensors").write_bytes(b"weights" * 1000)
-    services = Services.start(ServerConfig.build(served_models=(MODEL,), model_dir=tmp_path))
-    root = services.weights_root
+    services = boot(ServerConfig.build(served_models=(MODEL,), model_dir=tmp_path))
+    root = services.info["model_weights_root"]
     assert root is not None
     event = next(e for e in services.attestation.tdx.event_log() if e.event == EVENT_MODEL_WEIGHTS)
     assert json.loads(event.event_payload)["root"] == root
     assert services.attestation.info["model_weights_root"] == root
-    Services.start(ServerConfig.build(served_models=(MODEL,), model_dir=tmp_path, model_weights_root=root))
+    boot(ServerConfig.build(served_models=(MODEL,), model_dir=tmp_path, model_weights_root=root))
     (tmp_path / "model.safetensors").write_bytes(b"weights" * 999 + b"tampered")
     with pytest.raises(StartRefused, match="measures"):
-        Services.start(
-            ServerConfig.build(served_models=(MODEL,), model_dir=tmp_path, model_weights_root=root)
-        )
+        boot(ServerConfig.build(served_models=(MODEL,), model_dir=tmp_path, model_weights_root=root))
 
 
 def test_serve_tee_tdx_refuses_here_and_names_each_missing_root() -> None:

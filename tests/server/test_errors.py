@@ -8,11 +8,11 @@ import httpx
 import pytest
 
 from support.servers import running
+from tee_inference.boot import boot
 from tee_inference.config import ServerConfig
 from tee_inference.engines.fake import FakeEngine
 from tee_inference.engines.proxy import create_proxy_app
 from tee_inference.middleware import SigningMiddleware
-from tee_inference.services import Services
 
 MODEL = "fake-model"
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "x"}]}
@@ -36,7 +36,7 @@ def assert_envelope(r: httpx.Response, status: int, code: str | None = None) -> 
 def client(request: pytest.FixtureRequest, monkeypatch_module: pytest.MonkeyPatch) -> Iterator[httpx.Client]:
     monkeypatch_module.setenv("TEST_TOKEN", "s3cret-token")
     config = ServerConfig.build(served_models=(MODEL,), api_key_env="TEST_TOKEN", max_request_bytes=4096)
-    services = Services.start(config)
+    services = boot(config)
     headers = {"authorization": "Bearer s3cret-token"}
     if request.param == "direct":
         with running(SigningMiddleware(FakeEngine(MODEL), services=services)) as url:

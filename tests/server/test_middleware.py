@@ -13,6 +13,7 @@ import pytest
 
 from support.servers import running
 from tee_inference.asgi import ASGIApp, Receive, Scope, Send
+from tee_inference.boot import boot
 from tee_inference.config import ServerConfig
 from tee_inference.engines.fake import FakeEngine, _Reply
 from tee_inference.engines.proxy import create_proxy_app
@@ -73,7 +74,7 @@ def _stored(services: Services, completion_id: str):  # type: ignore[no-untyped-
 
 
 def _services(**config: object) -> Services:
-    return Services.start(ServerConfig.build(served_models=(MODEL,), **config))
+    return boot(ServerConfig.build(served_models=(MODEL,), **config))
 
 
 def test_every_split_of_the_stream_signs_the_same_bytes() -> None:

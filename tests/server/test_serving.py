@@ -17,6 +17,7 @@ import pytest
 from support.paths import CONFORMANCE
 from support.servers import running
 from support.signed_client import signed_completion
+from tee_inference.boot import boot
 from tee_inference.config import ServerConfig
 from tee_inference.engines.fake import FakeEngine
 from tee_inference.engines.proxy import create_proxy_app
@@ -27,7 +28,7 @@ MODEL = "fake-model"
 
 
 def _services(**config: object) -> Services:
-    return Services.start(ServerConfig.build(served_models=(MODEL,), **config))
+    return boot(ServerConfig.build(served_models=(MODEL,), **config))
 
 
 @pytest.fixture(scope="module", params=["direct", "proxied"])

@@ -8,7 +8,8 @@ import pytest
 from eth_account import Account
 from eth_account.messages import encode_defunct
 
-from tee_inference.keys import FileKeySource, KeySourceError, derive_signer
+from tee_inference.exceptions import KeySourceError
+from tee_inference.keys import FileKeySource, derive_signer
 from tee_inference.signing import (
     EcdsaSigner,
     Ed25519Signer,

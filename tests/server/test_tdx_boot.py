@@ -15,14 +15,13 @@ from fakes.configfs_tsm import FakeConfigfsTsm
 from fakes.nvml import FakeGpu, FakeNvml
 from fakes.tdx_guest import FakeTdxGuestDevice
 from tee_inference.attestation.eventlog import EVENT_MODEL_WEIGHTS, EVENT_SIGNING_KEY, load_event_log, replay
-from tee_inference.attestation.nvidia import SimulatedGpu
+from tee_inference.attestation.nvidia_simulated import SimulatedGpu
 from tee_inference.attestation.tdx_quote import parse_quote
-from tee_inference.boot import StartRefused, TrustRoots
+from tee_inference.boot import StartRefused, TrustRoots, boot
 from tee_inference.config import ServerConfig
 from tee_inference.measure import measure_model
-from tee_inference.services import Services
 from tee_inference.tee.configfs_tsm import ConfigfsTsm
-from tee_inference.tee.gpu import NvmlGpuProvider
+from tee_inference.tee.gpu_nvml import NvmlGpuProvider
 from tee_inference.tee.tdx import ConfigfsTdxProvider
 from tee_inference.tee.tdx_guest import TdxGuest
 
@@ -53,12 +52,12 @@ def _config(host: dict, **extra: object) -> ServerConfig:
 
 def test_tdx_boot_extends_rtmr3_and_reports(host: dict) -> None:
     root = measure_model(host["model"]).root
-    services = Services.start(_config(host, model_weights_root=root), host["roots"])
+    services = boot(_config(host, model_weights_root=root), host["roots"])
     # The kernel's RTMR3 (the fake device's) now holds our three boot events.
     extends = [e for e in host["device"].extends if e[1] == 3]
     assert len(extends) == 3
     nonce = secrets.token_bytes(32)
-    report = anyio.run(services.attestation.report, nonce, "ecdsa")
+    report = anyio.run(services.attestation.report, nonce, "ecdsa").to_dict()
     quote = parse_quote(bytes.fromhex(report["intel_quote"]))
     assert quote.td_report.report_data[32:] == nonce
     events = load_event_log(report["event_log"])
@@ -75,25 +74,25 @@ def test_tampered_model_refuses_to_start(host: dict) -> None:
     root = measure_model(host["model"]).root
     (host["model"] / "model.safetensors").write_bytes(b"tampered weights")
     with pytest.raises(StartRefused, match="measures"):
-        Services.start(_config(host, model_weights_root=root), host["roots"])
+        boot(_config(host, model_weights_root=root), host["roots"])
     assert not [e for e in host["device"].extends if e[1] == 3]  # nothing measured, nothing served
 
 
 def test_gpu_cc_off_refuses_to_start(host: dict) -> None:
     host["nvml"].cc_feature = 0
     with pytest.raises(StartRefused) as refused:
-        Services.start(_config(host), host["roots"])
+        boot(_config(host), host["roots"])
     assert "GPU 0: confidential computing is off" in " ".join(refused.value.reasons)
 
 
 def test_configfs_missing_refuses_to_start(host: dict) -> None:
     host["tsm"].remove_root()
     with pytest.raises(StartRefused) as refused:
-        Services.start(_config(host), host["roots"])
+        boot(_config(host), host["roots"])
     assert any("configfs-tsm" in reason for reason in refused.value.reasons)
 
 
 def test_wrong_tsm_provider_refuses_to_start(host: dict) -> None:
     host["tsm"].provider = "sev_guest"
     with pytest.raises(StartRefused):
-        Services.start(_config(host), host["roots"])
+        boot(_config(host), host["roots"])

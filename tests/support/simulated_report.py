@@ -19,7 +19,7 @@ from tee_inference.attestation.eventlog import (
     EventLog,
     simulated_boot_events,
 )
-from tee_inference.attestation.nvidia import SimulatedGpu
+from tee_inference.attestation.nvidia_simulated import SimulatedGpu
 from tee_inference.attestation.report_data import report_data_for_ecdsa, report_data_for_ed25519
 from tee_inference.attestation.tdx_simulated import SimulatedQuoteSigner
 from tee_inference.keys import derive_signer

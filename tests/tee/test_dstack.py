@@ -12,8 +12,9 @@ import pytest
 from fakes.dstack import FakeDstackAgent, serve_fake_dstack
 from tee_inference.attestation.eventlog import compare_rtmrs, load_event_log
 from tee_inference.attestation.tdx_quote import load_quote, parse_quote
-from tee_inference.keys import KeySource, KeySourceError, derive_signer
-from tee_inference.tee import TdxProvider, TrustRootError
+from tee_inference.exceptions import KeySourceError, TrustRootError
+from tee_inference.keys import DSTACK_KEY_PATH, KeySource, derive_signer
+from tee_inference.tee import TdxProvider
 from tee_inference.tee.dstack import (
     DstackClient,
     DstackError,
@@ -47,14 +48,14 @@ def agent(short_dir: Path) -> Iterator[tuple[FakeDstackAgent, DstackClient]]:
 
 def test_key_source_is_stable_and_derives_signers(agent: tuple[FakeDstackAgent, DstackClient]) -> None:
     fake, client = agent
-    source: KeySource = DstackKeySource(client, key_path="tee-inference/signing")
+    source: KeySource = DstackKeySource(client)
     assert source.name == "dstack" and source.development_only is False
     first, second = source.root_secret(), source.root_secret()
-    assert first == second == fake.key_for("tee-inference/signing", "signing")
+    assert first == second == fake.key_for(DSTACK_KEY_PATH, "signing")
     a, b = derive_signer(first, 0), derive_signer(second, 0)
     assert a.ecdsa.address == b.ecdsa.address
     assert DstackKeySource(client, key_path="other").root_secret() != first
-    assert fake.requests[0] == ("/GetKey", {"path": "tee-inference/signing", "purpose": "signing"})
+    assert fake.requests[0] == ("/GetKey", {"path": DSTACK_KEY_PATH, "purpose": "signing"})
 
 
 def test_key_errors_are_key_source_errors_without_key_material(
@@ -165,7 +166,7 @@ def test_legacy_tappd(short_dir: Path) -> None:
         client = DstackClient(socket, timeout_s=5)
         assert client.api == "tappd"
         assert parse_quote(DstackTdxProvider(client).get_quote(REPORT_DATA)).report_data == REPORT_DATA
-        assert DstackKeySource(client).root_secret() == fake.key_for("tee-inference/signing", "signing")
+        assert DstackKeySource(client).root_secret() == fake.key_for(DSTACK_KEY_PATH, "signing")
         assert client.info().event_log == list(fake.log.events)
         with pytest.raises(DstackError, match="no EmitEvent"):
             client.emit_event("x", b"")

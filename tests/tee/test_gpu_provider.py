@@ -12,23 +12,20 @@ import pytest
 
 from fakes import nvml as fake_nvml
 from fakes.nvml import FakeGpu, FakeNvml
-from tee_inference.attestation.nvidia import (
-    NvidiaPayload,
-    SimulatedGpu,
-    decode_certificate_chain,
-    verify_certificate_chain,
-    verify_evidence_nonce,
-    verify_evidence_signature,
-)
-from tee_inference.tee import CheckResult, GpuProvider, TrustRootError
-from tee_inference.tee.gpu import (
+from tee_inference.attestation.nvidia_certs import decode_certificate_chain, verify_certificate_chain
+from tee_inference.attestation.nvidia_payload import NvidiaPayload
+from tee_inference.attestation.nvidia_simulated import SimulatedGpu
+from tee_inference.attestation.nvidia_spdm import verify_evidence_nonce, verify_evidence_signature
+from tee_inference.exceptions import TrustRootError
+from tee_inference.tee import GpuProvider, StartCheck
+from tee_inference.tee.gpu_nvml import (
     GpuEvidenceError,
     GpuNotConfidentialError,
     NvmlCallError,
     NvmlGpuProvider,
     NvmlUnavailableError,
-    SimulatedGpuProvider,
 )
+from tee_inference.tee.gpu_simulated import SimulatedGpuProvider
 
 NONCE = bytes.fromhex("931d8dd0add203ac3d8b4fbde75e115278eefcdceac5b87671a748f32364dfcb")
 
@@ -47,7 +44,7 @@ def make(sims: list[SimulatedGpu]) -> Callable[..., tuple[NvmlGpuProvider, FakeN
     return build
 
 
-def failures(results: list[CheckResult]) -> list[str]:
+def failures(results: list[StartCheck]) -> list[str]:
     return [r.detail for r in results if not r.ok]
 
 
@@ -298,7 +295,7 @@ def test_fake_matches_nvidia_ml_py() -> None:
 
 def test_simulated_provider() -> None:
     provider = SimulatedGpuProvider(bytes(32), gpu_count=2)
-    assert provider.check() == [CheckResult("gpu", True, "simulated")]
+    assert provider.check() == [StartCheck("gpu", True, "simulated")]
     payload = provider.evidence(NONCE)
     check_entry_against(payload, list(provider.gpus), NONCE)
     # Distinct devices, and a seed fixes everything.

@@ -11,6 +11,7 @@ import pytest
 
 from fakes.configfs_tsm import FakeConfigfsTsm
 from fakes.tdx_guest import FakeTdxGuestDevice
+from tee_inference.attestation.ccel import CcelError, parse_ccel
 from tee_inference.attestation.eventlog import (
     DSTACK_RUNTIME_EVENT_TYPE,
     compare_rtmrs,
@@ -20,9 +21,9 @@ from tee_inference.attestation.eventlog import (
 from tee_inference.attestation.tdx_quote import parse_quote, verify_quote_ecdsa
 from tee_inference.tee import TdxProvider
 from tee_inference.tee.configfs_tsm import ConfigfsTsm
-from tee_inference.tee.simulated import SIMULATED_MRTD, SimulatedTdxProvider
-from tee_inference.tee.tdx import CcelError, ConfigfsTdxProvider, parse_ccel
+from tee_inference.tee.tdx import ConfigfsTdxProvider
 from tee_inference.tee.tdx_guest import TdxGuest
+from tee_inference.tee.tdx_simulated import SIMULATED_MRTD, SimulatedTdxProvider
 
 REPORT_DATA = bytes(range(64))
 

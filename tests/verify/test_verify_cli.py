@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from support.simulated_report import SimulatedNode
+from tee_inference.cli import main
 from tee_inference.signing import sha256_hex
 from tee_inference.verify import (
     MeasurementsFormatError,
@@ -21,7 +22,6 @@ from tee_inference.verify import (
     Verifier,
     parse_expected_measurements,
 )
-from tee_inference.verify.cli import main
 from tee_inference.verify.e2e import verify_url
 
 REDPILL_TEXT = (

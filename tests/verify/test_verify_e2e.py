@@ -13,10 +13,10 @@ import httpx
 import pytest
 
 from support.servers import running
+from tee_inference.boot import boot
 from tee_inference.config import ServerConfig
 from tee_inference.engines.fake import FakeEngine
 from tee_inference.middleware import SigningMiddleware
-from tee_inference.services import Services
 
 MODEL = "fake-model"
 
@@ -24,7 +24,7 @@ MODEL = "fake-model"
 @pytest.fixture(scope="module")
 def url() -> Iterator[str]:
     config = ServerConfig.build(served_models=(MODEL,), model_weights_root=FakeEngine.weights_root())
-    with running(SigningMiddleware(FakeEngine(MODEL), services=Services.start(config))) as base:
+    with running(SigningMiddleware(FakeEngine(MODEL), services=boot(config))) as base:
         yield base
 
 

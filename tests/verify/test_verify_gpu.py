@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from tee_inference.attestation.nvidia import GpuEvidenceEntry, NvidiaPayload, SimulatedGpu, load_nvidia_root
+from tee_inference.attestation.nvidia_certs import load_nvidia_root
+from tee_inference.attestation.nvidia_payload import GpuEvidenceEntry, NvidiaPayload
+from tee_inference.attestation.nvidia_simulated import SimulatedGpu
 from tee_inference.verify import Status, VerificationPolicy
 from tee_inference.verify.gpu import check_gpu
 

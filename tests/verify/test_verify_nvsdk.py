@@ -13,9 +13,9 @@ import pytest
 
 from support.paths import REPO
 from support.simulated_report import SimulatedNode
-from tee_inference.attestation.nvidia import GpuEvidenceEntry, NvidiaPayload
+from tee_inference.attestation.nvidia_payload import GpuEvidenceEntry, NvidiaPayload
+from tee_inference.cli import main as cli_main
 from tee_inference.verify import Status, VerificationPolicy, Verifier
-from tee_inference.verify.cli import main as cli_main
 from tee_inference.verify.nvsdk import BRIDGE, GPU_NVIDIA_SDK, NOT_INSTALLED, NvidiaSdkBackend
 
 NONCE = bytes.fromhex("931d8dd0add203ac3d8b4fbde75e115278eefcdceac5b87671a748f32364dfcb")

@@ -15,6 +15,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
+from tee_inference.exceptions import FormatError
+
 RTMR_COUNT: Final = 4
 DIGEST_SIZE: Final = 48  # SHA-384
 DSTACK_RUNTIME_EVENT_TYPE: Final = 0x08000001
@@ -64,7 +66,7 @@ _DSTACK_MARKERS: Final[Mapping[str, str]] = {
 }
 
 
-class EventLogError(ValueError):
+class EventLogError(FormatError):
     """An event-log entry is malformed; the message names the entry index and the field."""
 
 

@@ -25,13 +25,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from tee_inference.attestation.nvidia_spdm import GpuAttestationError
+from tee_inference.exceptions import FormatError
 
 NRAS_ALGORITHM: Final = "ES384"
 _ES384_SIGNATURE_SIZE: Final = 96
 _P384_COORDINATE_SIZE: Final = 48
 
 
-class NrasResponseError(GpuAttestationError, ValueError):
+class NrasResponseError(GpuAttestationError, FormatError):
     """An NRAS reply is malformed or its per-GPU tokens are not the ones the overall token names."""
 
 

@@ -27,6 +27,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
+from tee_inference.exceptions import EvidenceError, FormatError
+
 SPDM_VERSION_1_1: Final = 0x11
 GET_MEASUREMENTS: Final = 0xE0
 MEASUREMENTS: Final = 0x60
@@ -55,11 +57,11 @@ OPAQUE_FIELD_PROTECTED_PCIE_STATUS: Final = 21
 VBIOS_VERSION_SIZE: Final = 8
 
 
-class GpuAttestationError(Exception):
+class GpuAttestationError(EvidenceError):
     """Base of every error raised while reading or checking NVIDIA GPU evidence."""
 
 
-class GpuEvidenceFormatError(GpuAttestationError, ValueError):
+class GpuEvidenceFormatError(GpuAttestationError, FormatError):
     """The evidence bytes do not have the SPDM GET_MEASUREMENTS/MEASUREMENTS layout."""
 
     def __init__(self, field: str, offset: int, detail: str) -> None:

@@ -8,14 +8,15 @@ Layout (SPEC §3):
 
 from __future__ import annotations
 
-from typing import Final, Literal
+from typing import Final
+
+from tee_inference.exceptions import FormatError
+from tee_inference.signing import SigningAlgo
 
 REPORT_DATA_SIZE: Final = 64
 NONCE_SIZE: Final = 32
 ADDRESS_SIZE: Final = 20
 ED25519_PUBLIC_KEY_SIZE: Final = 32
-
-SigningAlgo = Literal["ecdsa", "ed25519"]
 
 # (name, start, end) with end exclusive; names are what a person reads in an error.
 _ECDSA_REGIONS: Final[tuple[tuple[str, int, int], ...]] = (
@@ -29,7 +30,7 @@ _ED25519_REGIONS: Final[tuple[tuple[str, int, int], ...]] = (
 )
 
 
-class ReportDataError(ValueError):
+class ReportDataError(FormatError):
     """A report_data input has the wrong length or an unknown signing algorithm was named."""
 
 
@@ -52,7 +53,7 @@ def report_data_for_ed25519(public_key: bytes, nonce: bytes) -> bytes:
     return public_key + nonce
 
 
-def report_data_for(algo: str, key: bytes, nonce: bytes) -> bytes:
+def report_data_for(algo: SigningAlgo | str, key: bytes, nonce: bytes) -> bytes:
     """Dispatch on ``algo`` (``"ecdsa"`` with an address, ``"ed25519"`` with a public key)."""
     if algo == "ecdsa":
         return report_data_for_ecdsa(key, nonce)

@@ -32,6 +32,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.x509.oid import NameOID
 
+from tee_inference.exceptions import EvidenceError, FormatError
+
 QUOTE_VERSION_4: Final = 4
 ATT_KEY_TYPE_ECDSA_P256: Final = 2
 TEE_TYPE_TDX: Final = 0x81
@@ -69,11 +71,11 @@ _CERTIFICATE_ERRORS: Final = (
 )  # fmt: skip
 
 
-class QuoteFormatError(ValueError):
+class QuoteFormatError(FormatError):
     """The bytes are not a well-formed TDX v4 quote; the message names the field and its offset."""
 
 
-class QuoteSignatureError(ValueError):
+class QuoteSignatureError(EvidenceError, ValueError):
     """A signature or binding inside the quote does not hold; ``step`` names which one."""
 
     def __init__(self, step: str, message: str) -> None:

@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from tee_inference.asgi import Receive, Scope, Send
-from tee_inference.errors import error_body
+from tee_inference.envelope import error_body
 
 log = logging.getLogger("tee_inference.proxy")
 

@@ -23,13 +23,11 @@ from pathlib import Path
 
 import httpx
 
+from tee_inference.exceptions import EngineStartError
+
 log = logging.getLogger("tee_inference.vllm")
 
 MIDDLEWARE_IMPORT_PATH = "tee_inference.middleware.SigningMiddleware"
-
-
-class EngineStartError(RuntimeError):
-    pass
 
 
 def is_vllm_cpu() -> bool:

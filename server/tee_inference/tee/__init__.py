@@ -1,31 +1,33 @@
 """Trust roots behind small interfaces, each with a real and a simulated implementation.
 
 - `TdxProvider`: TDX quotes over a 64-byte report_data, RTMR3 events and the event log
-  that replays to RTMR0–3 (real: configfs-tsm + the TDX guest device, or the dstack guest
-  agent; simulated: `tee.simulated`).
+  that replays to RTMR0–3 (real: `tee.tdx` on configfs-tsm + the TDX guest device, or
+  `tee.dstack` on the dstack guest agent; simulated: `tee.tdx_simulated`).
 - `GpuProvider`: NVIDIA confidential-computing state and per-GPU evidence for a nonce
-  (real: NVML; simulated: SPDM-shaped evidence signed by a simulated device chain).
+  (real: `tee.gpu_nvml`; simulated: `tee.gpu_simulated`, SPDM evidence under a simulated chain).
 - Key sources live in `tee_inference.keys` (random, file, dstack).
 
 Providers are synchronous and may block (kernel interfaces, sockets, NVML): the server
 calls them from worker threads, never on the event loop.
+
+A provider's `state()` is what another process of the same boot needs to carry on where this
+one left off (a simulation seed, the runtime events already extended), so that the vLLM API
+processes resume the boot the launcher ran instead of running it again (`tee_inference.handoff`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from tee_inference.attestation.eventlog import Event
-from tee_inference.attestation.nvidia import NvidiaPayload
+from tee_inference.attestation.nvidia_payload import NvidiaPayload
 
-
-class TrustRootError(RuntimeError):
-    """A trust root is missing or failed; the message is one line a person can act on."""
+JsonState = dict[str, Any]
 
 
 @dataclass(frozen=True)
-class CheckResult:
+class StartCheck:
     """One fail-closed start check: `ok`, and a one-line reason when not."""
 
     name: str
@@ -37,7 +39,7 @@ class TdxProvider(Protocol):
     name: str
     simulated: bool
 
-    def check(self) -> list[CheckResult]:
+    def check(self) -> list[StartCheck]:
         """Everything this provider needs, checked before the server listens."""
         ...
 
@@ -53,15 +55,23 @@ class TdxProvider(Protocol):
         """The events that replay to RTMR0–3 of a quote taken now."""
         ...
 
+    def state(self) -> JsonState:
+        """What a process resuming this boot needs (JSON values); see `resume_tdx`."""
+        ...
+
 
 class GpuProvider(Protocol):
     name: str
     simulated: bool
 
-    def check(self) -> list[CheckResult]:
+    def check(self) -> list[StartCheck]:
         """Per GPU: present, confidential computing on, devtools off, ready."""
         ...
 
     def evidence(self, nonce: bytes) -> NvidiaPayload:
         """Evidence from every GPU for this 32-byte nonce, in NRAS v3 payload form."""
+        ...
+
+    def state(self) -> JsonState:
+        """What a process resuming this boot needs (JSON values); see `resume_gpu`."""
         ...

@@ -29,7 +29,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Final, Protocol, TypeVar
 
-from tee_inference.tee import CheckResult, TrustRootError
+from tee_inference.exceptions import TrustRootError
+from tee_inference.tee import StartCheck
 
 log = logging.getLogger(__name__)
 
@@ -193,27 +194,27 @@ class ConfigfsTsm:
                 "configfs-tsm %s: generation %d → %d, another writer raced; retrying", entry, before, after
             )
 
-    def check(self) -> list[CheckResult]:
+    def check(self) -> list[StartCheck]:
         """The interface is there, is configfs-tsm, and its provider is ``tdx_guest`` (probed by an entry)."""
         name = "configfs-tsm"
         if not self._fs.is_dir(self.root):
-            return [CheckResult(name, False, f"configfs-tsm not available at {self.root}: no such directory")]
+            return [StartCheck(name, False, f"configfs-tsm not available at {self.root}: no such directory")]
         try:
             entry = self._make_entry()
         except ConfigfsTsmError as exc:
-            return [CheckResult(name, False, str(exc))]
+            return [StartCheck(name, False, str(exc))]
         try:
             provider = self._read_provider(entry)
         except _Retryable as busy:
             detail = f"configfs-tsm at {busy.path}: {describe_errno(busy.errno)}"
-            return [CheckResult(name, True, str(self.root)), CheckResult(f"{name} provider", False, detail)]
+            return [StartCheck(name, True, str(self.root)), StartCheck(f"{name} provider", False, detail)]
         except ConfigfsTsmError as exc:
-            return [CheckResult(name, True, f"{self.root}"), CheckResult(f"{name} provider", False, str(exc))]
+            return [StartCheck(name, True, f"{self.root}"), StartCheck(f"{name} provider", False, str(exc))]
         finally:
             self._remove_entry(entry)
         ok = provider == TDX_PROVIDER
         detail = f"provider {provider!r}" + ("" if ok else f" at {self.root}; expected {TDX_PROVIDER!r}")
-        return [CheckResult(name, True, str(self.root)), CheckResult(f"{name} provider", ok, detail)]
+        return [StartCheck(name, True, str(self.root)), StartCheck(f"{name} provider", ok, detail)]
 
     # -- steps ---------------------------------------------------------------------------------
 

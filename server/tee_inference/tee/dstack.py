@@ -32,14 +32,14 @@ import httpx
 
 from tee_inference.attestation.eventlog import Event, EventLogError, load_event_log, runtime_event
 from tee_inference.attestation.tdx_quote import QuoteFormatError, parse_quote
-from tee_inference.keys import KeySourceError
-from tee_inference.tee import CheckResult, TrustRootError
+from tee_inference.exceptions import KeySourceError, TrustRootError
+from tee_inference.keys import DSTACK_KEY_PATH
+from tee_inference.tee import JsonState, StartCheck
 
 log = logging.getLogger(__name__)
 
 DEFAULT_SOCKET: Final = Path("/var/run/dstack.sock")
 LEGACY_TAPPD_SOCKET: Final = Path("/var/run/tappd.sock")
-DEFAULT_KEY_PATH: Final = "tee-inference/signing"
 DEFAULT_KEY_PURPOSE: Final = "signing"
 _ERROR_CLIP: Final = 200
 
@@ -293,14 +293,14 @@ class DstackTdxProvider:
     def __init__(self, client: DstackClient | Path | None = None) -> None:
         self.client = _client(client)
 
-    def check(self) -> list[CheckResult]:
+    def check(self) -> list[StartCheck]:
         """The agent answers Info (the caller takes the test quote: it costs seconds on hardware)."""
         try:
             info = self.client.info()
         except DstackError as exc:
-            return [CheckResult("dstack guest agent", False, str(exc))]
+            return [StartCheck("dstack guest agent", False, str(exc))]
         return [
-            CheckResult("dstack guest agent", True, f"{self.client.socket_path}, app {info.app_id or '?'}")
+            StartCheck("dstack guest agent", True, f"{self.client.socket_path}, app {info.app_id or '?'}")
         ]
 
     def get_quote(self, report_data: bytes) -> bytes:
@@ -322,6 +322,9 @@ class DstackTdxProvider:
         # The agent extends RTMR3 with this digest and records the event in its own log.
         return runtime_event(name, payload)
 
+    def state(self) -> JsonState:
+        return {}  # the agent keeps the event log for every process
+
     def event_log(self) -> list[Event]:
         """The agent's log (it records our EmitEvent calls too), which replays to its quotes."""
         info = self.client.info()
@@ -339,7 +342,7 @@ class DstackKeySource:
     def __init__(
         self,
         client: DstackClient | Path | None = None,
-        key_path: str = DEFAULT_KEY_PATH,
+        key_path: str = DSTACK_KEY_PATH,
         purpose: str = DEFAULT_KEY_PURPOSE,
     ) -> None:
         self.client = _client(client)

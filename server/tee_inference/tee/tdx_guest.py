@@ -30,7 +30,8 @@ from typing import Any, Final, Protocol
 
 import cffi
 
-from tee_inference.tee import CheckResult, TrustRootError
+from tee_inference.exceptions import TrustRootError
+from tee_inference.tee import StartCheck
 from tee_inference.tee.configfs_tsm import describe_errno
 
 DEVICE_PATH: Final = Path("/dev/tdx_guest")
@@ -245,22 +246,22 @@ class TdxGuest:
         """Which interface ``extend_rtmr(3, …)`` will use, without extending anything."""
         return "sysfs" if self._io.exists(self.rtmr_path(3)) else "ioctl"
 
-    def check(self) -> list[CheckResult]:
+    def check(self) -> list[StartCheck]:
         """The device answers TDX_CMD_GET_REPORT0, and an RTMR3 extension interface is there."""
         results = []
         try:
             fields = parse_tdreport(self.get_tdreport(bytes(REPORTDATA_LEN)))
             results.append(
-                CheckResult("tdx guest device", True, f"{self.device}, MRTD {fields.mrtd.hex()[:16]}…")
+                StartCheck("tdx guest device", True, f"{self.device}, MRTD {fields.mrtd.hex()[:16]}…")
             )
         except TdxGuestError as exc:
-            return [CheckResult("tdx guest device", False, str(exc))]
+            return [StartCheck("tdx guest device", False, str(exc))]
         if self.extend_method() == "sysfs":
-            results.append(CheckResult("rtmr3 extend", True, str(self.rtmr_path(3))))
+            results.append(StartCheck("rtmr3 extend", True, str(self.rtmr_path(3))))
         else:
             # Probing the legacy ioctl would extend RTMR3, so it is taken on trust here and its
             # absence surfaces (as RtmrExtendUnsupportedError) at the first boot-time event.
-            results.append(CheckResult("rtmr3 extend", True, f"legacy TDX_CMD_EXTEND_RTMR on {self.device}"))
+            results.append(StartCheck("rtmr3 extend", True, f"legacy TDX_CMD_EXTEND_RTMR on {self.device}"))
         return results
 
     def _read_register(self, path: Path) -> bytes:

@@ -1,8 +1,8 @@
 """``tee-inference verify …``: build a verifier and a policy from arguments, print the result.
 
 Nothing is decided here: every judgement lives in the library. The main command wires this in
-with ``add_verify_parser(subparsers)`` and dispatches to ``run_verify(args)``; it also runs
-alone as ``python -m tee_inference.verify.cli``.
+with ``add_parser(subparsers)`` and dispatches to ``run(args)``; an unusable input raises
+``VerificationError``, which the main command prints as one line (exit 2).
 """
 
 from __future__ import annotations
@@ -10,19 +10,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import textwrap
-from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
 from cryptography import x509
 
+from tee_inference.exceptions import VerificationError
 from tee_inference.verify.measurements import load_expected_measurements
 from tee_inference.verify.nvsdk import DEFAULT_PYTHON, NvidiaSdkBackend
 from tee_inference.verify.policy import KNOWN_TCB_STATUSES, VerificationPolicy
 from tee_inference.verify.quote import load_collateral
-from tee_inference.verify.results import Status, VerificationError, VerificationResult
+from tee_inference.verify.results import Status, VerificationResult
 from tee_inference.verify.signature import verify_signature
 from tee_inference.verify.verifier import Verifier
 
@@ -77,9 +76,7 @@ def _evidence_options(p: argparse.ArgumentParser, *, report: bool) -> None:
         )  # fmt: skip
 
 
-def add_verify_parser(
-    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
-) -> argparse.ArgumentParser:
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``verify`` with its four subcommands to the main command's subparsers."""
     verify = subparsers.add_parser("verify", help="verify attestation reports, quotes, signatures, endpoints")
     commands = verify.add_subparsers(dest="verify_command", required=True)
@@ -103,8 +100,6 @@ def add_verify_parser(
     url.add_argument("--model", required=True, metavar="M")
     url.add_argument("--api-key-env", metavar="VAR", help="send 'Authorization: Bearer $VAR'")
     _evidence_options(url, report=True)
-    verify.set_defaults(func=run_verify)
-    return verify
 
 
 def _read(path: str) -> bytes:
@@ -215,26 +210,11 @@ def format_table(result: VerificationResult, *, width: int = 100) -> str:
     return "\n".join(lines)
 
 
-def run_verify(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     """Run one ``verify`` subcommand; exit 0 only when every required check passed."""
-    try:
-        result = _run(args)
-    except VerificationError as exc:
-        print(f"tee-inference verify: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    result = _run(args)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:
         print(format_table(result))
     return EXIT_OK if result.ok else EXIT_FAILED
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tee-inference")
-    add_verify_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return run_verify(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

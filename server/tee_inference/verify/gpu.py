@@ -14,17 +14,15 @@ from typing import Any, Final
 
 from cryptography import x509
 
-from tee_inference.attestation.nvidia import (
+from tee_inference.attestation.nvidia_certs import certificate_fwid, verify_certificate_chain
+from tee_inference.attestation.nvidia_nras import parse_nras_response, verify_nras_jwt
+from tee_inference.attestation.nvidia_payload import NvidiaPayload
+from tee_inference.attestation.nvidia_spdm import (
     OPAQUE_FIELD_FWID,
     GpuAttestationError,
     GpuNonceMismatchError,
-    NvidiaPayload,
-    certificate_fwid,
-    parse_nras_response,
-    verify_certificate_chain,
     verify_evidence_nonce,
     verify_evidence_signature,
-    verify_nras_jwt,
 )
 from tee_inference.verify.policy import VerificationPolicy
 from tee_inference.verify.results import CheckResult

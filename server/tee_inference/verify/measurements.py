@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from tee_inference.verify.results import VerificationError
+from tee_inference.exceptions import VerificationError
 
 FORMAT: Final = "tee-inference-measurements/v1"
 TDX_FIELDS: Final = ("mrtd", "rtmr0", "rtmr1", "rtmr2")

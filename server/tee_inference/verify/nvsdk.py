@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from tee_inference.attestation.nvidia import NvidiaPayload
+from tee_inference.attestation.nvidia_payload import NvidiaPayload
 from tee_inference.verify.results import CheckResult
 
 GPU_NVIDIA_SDK: Final = "gpu_nvidia_sdk"

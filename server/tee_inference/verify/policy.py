@@ -11,12 +11,13 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Final, Protocol
 
+from tee_inference.exceptions import VerificationError
 from tee_inference.verify.measurements import (
     ExpectedMeasurements,
     MeasuredValues,
     compare_measurements,
 )
-from tee_inference.verify.results import CheckResult, Status, VerificationError
+from tee_inference.verify.results import CheckResult, Status
 
 MEASUREMENTS: Final = "measurements"
 

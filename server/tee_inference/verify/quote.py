@@ -28,8 +28,9 @@ from tee_inference.attestation.tdx_quote import (
     td_debug,
     verify_quote_ecdsa,
 )
+from tee_inference.exceptions import VerificationError
 from tee_inference.verify.policy import VerificationPolicy
-from tee_inference.verify.results import CheckResult, VerificationError
+from tee_inference.verify.results import CheckResult
 from tee_inference.verify.trust import subject
 
 QUOTE_STRUCTURE, QUOTE_SIGNATURE, TCB_STATUS, TD_ATTRIBUTES = (

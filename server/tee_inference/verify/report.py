@@ -8,13 +8,12 @@ model and image (RTMR3 events against ``info``), and the simulation label.
 from __future__ import annotations
 
 import hmac
-import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import coincurve
 
+from tee_inference.attestation.report import AttestationReport
 from tee_inference.attestation.report_data import explain_report_data_mismatch, report_data_for
 from tee_inference.signing import address_of, checksum_address
 from tee_inference.verify.events import RuntimeClaims
@@ -23,74 +22,16 @@ from tee_inference.verify.results import CheckResult
 REPORT_FORMAT, REPORT_DATA, SIGNING_KEY = "report_format", "report_data", "signing_key"
 SIGNING_KEY_EVENT, MODEL_EVENT, IMAGE_EVENT = "signing_key_event", "model_event", "image_event"
 FRESHNESS, SIMULATED = "freshness", "simulated"
-_ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
-
-
-@dataclass(frozen=True)
-class AttestationReport:
-    signing_address: str
-    signing_algo: str
-    signing_public_key: bytes
-    request_nonce: bytes
-    intel_quote: str
-    nvidia_payload: str | None
-    event_log: Any
-    info: Mapping[str, Any]
-    all_attestations: tuple[Mapping[str, Any], ...]
-
-    @property
-    def identity(self) -> bytes:
-        """What report_data binds: the 20-byte address (ecdsa) or the 32-byte public key (ed25519)."""
-        if self.signing_algo == "ecdsa":
-            return bytes.fromhex(self.signing_address[2:])
-        return self.signing_public_key
-
-
-def _hex(obj: Mapping[str, Any], key: str, problems: list[str], size: int | None = None) -> bytes:
-    value = obj.get(key)
-    try:
-        data = bytes.fromhex(value.removeprefix("0x")) if isinstance(value, str) else None
-    except ValueError:
-        data = None
-    if data is None or (size is not None and len(data) != size):
-        problems.append(f"{key} must be {'hex' if size is None else f'{size * 2} hex digits'}")
-        return b""
-    return data
 
 
 def parse_report(obj: Any) -> tuple[AttestationReport | None, CheckResult]:
     """The typed report, or None and a failed report_format check naming every problem."""
-    if not isinstance(obj, Mapping):
-        return None, CheckResult.failed(REPORT_FORMAT, "the report must be a JSON object")
-    problems: list[str] = []
-    address = obj.get("signing_address")
-    if not isinstance(address, str) or _ADDRESS.fullmatch(address) is None:
-        problems.append("signing_address must be 0x and 40 hex digits")
-    algo = obj.get("signing_algo")
-    if algo not in ("ecdsa", "ed25519"):
-        problems.append(f"signing_algo must be 'ecdsa' or 'ed25519', got {algo!r}")
-    public_key = _hex(obj, "signing_public_key", problems, 65 if algo == "ecdsa" else 32)
-    nonce = _hex(obj, "request_nonce", problems, 32)
-    quote, payload, info = obj.get("intel_quote"), obj.get("nvidia_payload"), obj.get("info", {})
-    if not isinstance(quote, str) or not quote:
-        problems.append("intel_quote must be a hex string")
-    if payload is not None and not isinstance(payload, str):
-        problems.append("nvidia_payload must be a JSON string (SPEC §3), not an object")
-    if not isinstance(obj.get("event_log"), list):
-        problems.append("event_log must be a list of events")
-    if not isinstance(info, Mapping):
-        problems.append("info must be an object")
-    others = obj.get("all_attestations", [])
-    if not isinstance(others, list) or not all(isinstance(o, Mapping) for o in others):
-        problems.append("all_attestations must be a list of objects")
-    if problems:
-        return None, CheckResult.failed(REPORT_FORMAT, "; ".join(problems))
-    report = AttestationReport(
-        signing_address=str(address), signing_algo=str(algo), signing_public_key=public_key,
-        request_nonce=nonce, intel_quote=str(quote), nvidia_payload=payload,
-        event_log=obj["event_log"], info=info, all_attestations=tuple(others),
-    )  # fmt: skip
-    return report, CheckResult.passed(REPORT_FORMAT, f"{algo} report for nonce {nonce.hex()}")
+    report, problems = AttestationReport.parse(obj)
+    if report is None:
+        return None, CheckResult.failed(REPORT_FORMAT, "; ".join(problems) or "not a report")
+    return report, CheckResult.passed(
+        REPORT_FORMAT, f"{report.signing_algo} report for nonce {report.request_nonce.hex()}"
+    )
 
 
 def check_freshness(report: AttestationReport, nonce: bytes | None) -> CheckResult:

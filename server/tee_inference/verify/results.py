@@ -12,19 +12,15 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
 
+from tee_inference.exceptions import VerificationError
+
+__all__ = ["CheckResult", "Status", "VerificationError", "VerificationResult"]
+
 
 class Status(StrEnum):
     PASS = "pass"  # noqa: S105 - a check status, not a password
     FAIL = "fail"
     SKIP = "skip"
-
-
-class VerificationError(ValueError):
-    """The caller's input cannot be used at all (unreadable file, bad nonce, bad expectations file).
-
-    Evidence that is merely wrong never raises: it yields failing checks, so a person sees every
-    problem at once and not only the first.
-    """
 
 
 @dataclass(frozen=True)

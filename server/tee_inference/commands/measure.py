@@ -5,13 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
+from tee_inference.commands import Subparsers
+from tee_inference.exceptions import MeasurementError
 from tee_inference.measure import (
-    MeasurementError,
-    MeasurementMismatch,
     ModelMeasurement,
     Progress,
     check_model,
@@ -20,8 +19,8 @@ from tee_inference.measure import (
 )
 
 
-def add_measure_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Add `measure model` to the main CLI's subparsers (``argparse._SubParsersAction``)."""
+def add_parser(subparsers: Subparsers) -> None:
+    """Add `measure model` to the main CLI's subparsers."""
     measure = subparsers.add_parser("measure", help="measure model weights (the root extended into RTMR3)")
     kinds = measure.add_subparsers(dest="measure_kind", required=True)
     model = kinds.add_parser("model", help="root hash over a model directory (see tee_inference.measure)")
@@ -38,8 +37,6 @@ def add_measure_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     model.add_argument("--workers", type=int, help="hashing threads (default: every core)")
     model.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
-    parser: argparse.ArgumentParser = measure
-    return parser
 
 
 class ProgressBar:
@@ -65,25 +62,21 @@ class ProgressBar:
         self.stream.flush()
 
 
-def run_measure(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     progress: Progress | None = None
     if not args.no_progress and sys.stderr.isatty():
         progress = ProgressBar(sys.stderr)
-    try:
-        result: ModelMeasurement
-        if args.check is not None:
-            if args.exclude:
-                raise MeasurementError("--exclude comes from the manifest with --check")
+    result: ModelMeasurement
+    if args.check is not None:
+        if args.exclude:
+            raise MeasurementError("--exclude comes from the manifest with --check")
+        try:
             expected = args.check.read_text(encoding="utf-8")
-            result = check_model(args.dir, expected, workers=args.workers, progress=progress)
-        else:
-            result = measure_model(args.dir, workers=args.workers, progress=progress, exclude=args.exclude)
-    except MeasurementMismatch as exc:
-        print(f"tee-inference measure: MISMATCH: {exc}", file=sys.stderr)
-        return 1
-    except (MeasurementError, OSError) as exc:
-        print(f"tee-inference measure: {exc}", file=sys.stderr)
-        return 2
+        except OSError as exc:
+            raise MeasurementError(f"cannot read manifest {args.check}: {exc.strerror}") from None
+        result = check_model(args.dir, expected, workers=args.workers, progress=progress)
+    else:
+        result = measure_model(args.dir, workers=args.workers, progress=progress, exclude=args.exclude)
     if args.manifest_out is not None:
         args.manifest_out.write_text(result.manifest_text(), encoding="utf-8")
     if args.json:
@@ -93,13 +86,3 @@ def run_measure(args: argparse.Namespace) -> int:
         print(f"weights root: {result.root}{checked}")
         print(f"files: {len(result.files)}  bytes: {result.total_bytes}")
     return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tee-inference")
-    add_measure_parser(parser.add_subparsers(dest="command", required=True))
-    return run_measure(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

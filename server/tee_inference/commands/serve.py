@@ -1,0 +1,131 @@
+"""`tee-inference serve`: the signing server in front of an engine (assembled in server.py)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from tee_inference.commands import Subparsers
+from tee_inference.commands.keys import add_key_options
+from tee_inference.exceptions import ConfigError
+
+
+def add_parser(commands: Subparsers) -> None:
+    serve = commands.add_parser("serve", help="run the signing server in front of an engine")
+    serve.add_argument(
+        "--tee",
+        choices=["tdx", "simulated"],
+        default="simulated",
+        help="attestation backend; simulated signs with a local key and says so everywhere",
+    )
+    serve.add_argument(
+        "--engine",
+        choices=["vllm", "fake"],
+        default="vllm",
+        help="vllm: a real vLLM child; fake: the built-in deterministic engine",
+    )
+    serve.add_argument("--upstream", metavar="URL", help="front an OpenAI-compatible engine already running")
+    serve.add_argument("--model", help="model directory or name (vllm); the served name (fake)")
+    serve.add_argument("--served-model-name", help="name clients use (default: the model directory's name)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key-env", metavar="VAR", help="require 'Authorization: Bearer $VAR'")
+    serve.add_argument(
+        "--proxy",
+        action="store_true",
+        help="with --engine vllm: run vLLM on a private port behind the standalone proxy "
+        "instead of loading the middleware inside vLLM",
+    )
+    serve.add_argument(
+        "--engine-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra argument for `vllm serve` (repeatable)",
+    )
+    serve.add_argument(
+        "--fake-token-delay",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="with --engine fake: pause between streamed tokens",
+    )
+    serve.add_argument(
+        "--signature-ttl",
+        type=float,
+        default=3600.0,
+        metavar="SECONDS",
+        help="how long signatures stay fetchable (at least 1800)",
+    )
+    serve.add_argument("--build-dir", type=Path, default=Path("build"), help="caches for the engine")
+    serve.add_argument(
+        "--tdx-provider",
+        choices=["configfs", "dstack"],
+        default="configfs",
+        help="with --tee tdx: quotes from the kernel's configfs-tsm or the dstack guest agent",
+    )
+    serve.add_argument(
+        "--expect-weights-root",
+        metavar="HEX",
+        help="refuse to start unless the model directory measures to this root",
+    )
+    serve.add_argument(
+        "--image-digest",
+        default=os.environ.get("TEE_INFERENCE_IMAGE_DIGEST"),
+        help="digest of the image this runs in (set by the image build)",
+    )
+    add_key_options(serve)
+
+
+def _served_name(args: argparse.Namespace) -> str:
+    if args.served_model_name:
+        return str(args.served_model_name)
+    if args.model is None:
+        return "fake-model"
+    return Path(args.model).name or str(args.model)
+
+
+def _fake_weights_root(args: argparse.Namespace) -> str | None:
+    if args.engine != "fake" or args.upstream is not None:
+        return None
+    from tee_inference.engines.fake import FakeEngine
+
+    return FakeEngine.weights_root()
+
+
+def run(args: argparse.Namespace) -> int:
+    from tee_inference.config import ServerConfig
+    from tee_inference.server import ServeOptions, serve
+
+    if args.engine == "vllm" and args.upstream is None and args.model is None:
+        raise ConfigError("--engine vllm needs --model (a model directory)")
+    config = ServerConfig.build(
+        tee=args.tee,
+        key_source=args.key_source,
+        key_file=args.key_file,
+        key_epoch=args.key_epoch,
+        api_key_env=args.api_key_env,
+        signature_ttl_s=args.signature_ttl,
+        # An --upstream engine may serve several models: without --model they are discovered.
+        served_models=(_served_name(args),) if args.upstream is None or args.model else None,
+        model_dir=Path(args.model) if args.model and Path(args.model).is_dir() else None,
+        model_weights_root=args.expect_weights_root or _fake_weights_root(args),
+        tdx_provider=args.tdx_provider,
+        dstack_socket=args.dstack_socket,
+        image_digest=args.image_digest,
+    )
+    options = ServeOptions(
+        config=config,
+        engine=args.engine,
+        upstream=args.upstream,
+        model=args.model or _served_name(args),
+        served_model_name=_served_name(args),
+        host=args.host,
+        port=args.port,
+        proxy=args.proxy,
+        engine_args=tuple(args.engine_arg),
+        fake_token_delay_s=args.fake_token_delay,
+        build_dir=args.build_dir,
+    )
+    return serve(options)

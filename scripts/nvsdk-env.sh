@@ -33,7 +33,7 @@ compile_lock() {
     step "pip-tools venv: $tools"
     step "pip-compile -> $LOCK"
     CUSTOM_COMPILE_COMMAND="scripts/nvsdk-env.sh --compile" \
-        run "$tools/bin/pip-compile" --quiet --generate-hashes --strip-extras --allow-unsafe \
+        run "$tools/bin/pip-compile" --quiet --generate-hashes --allow-unsafe \
         --no-emit-index-url --no-emit-find-links --output-file "$LOCK" requirements/nvsdk.in
 }
 
@@ -59,7 +59,10 @@ step "installing $LOCK (--require-hashes)"
 run "$VENV/bin/pip" install --quiet --require-hashes -r "$LOCK"
 
 step "checking the environment"
-run "$VENV/bin/python" -c 'import nv_attestation_sdk.attestation, verifier.cc_admin  # noqa'
+# From a scratch directory: importing the SDK writes attestation_sdk.log into the working directory.
+scratch="$(mktemp -d)"
+(cd "$scratch" && run "$VENV/bin/python" -c 'import nv_attestation_sdk.attestation, verifier.cc_admin  # noqa')
+rm -rf "$scratch"
 
 echo "$digest" >"$STAMP"
 step "ready: $VENV"

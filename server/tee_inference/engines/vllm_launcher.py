@@ -71,7 +71,7 @@ class _VllmCpuAlias(md.DistributionFinder):
     def __init__(self, distribution: md.Distribution) -> None:
         self._distribution = distribution
 
-    def find_spec(self, *args: object, **kwargs: object) -> None:
+    def find_spec(self, *_args: object, **_kwargs: object) -> None:
         # A metadata-only finder: it never provides modules.
         return None
 

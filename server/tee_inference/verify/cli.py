@@ -25,7 +25,7 @@ from tee_inference.verify.results import Status, VerificationResult
 from tee_inference.verify.signature import verify_signature
 from tee_inference.verify.verifier import Verifier
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILED = 0, 1
 _MARK = {Status.PASS: "PASS", Status.FAIL: "FAIL", Status.SKIP: "skip"}
 
 

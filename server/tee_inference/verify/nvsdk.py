@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -51,14 +52,18 @@ class NvidiaSdkBackend:
             "network_timeout_s": self.network_timeout_s,
         }
         try:
-            done = subprocess.run(  # our own interpreter path and script, no shell
-                [str(self.python), "-I", str(self.bridge)],  # -I: no PYTHON* env, no script dir
-                input=json.dumps(request),
-                capture_output=True,
-                text=True,
-                timeout=timeout_s,
-                check=False,
-            )
+            # The SDK writes attestation_sdk.log and verifier.log into its working directory:
+            # a throw-away one, never the caller's.
+            with tempfile.TemporaryDirectory(prefix="tee-inference-nvsdk-") as scratch:
+                done = subprocess.run(  # our own interpreter path and script, no shell
+                    [str(self.python), "-I", str(self.bridge)],  # -I: no PYTHON* env, no script dir
+                    input=json.dumps(request),
+                    capture_output=True,
+                    text=True,
+                    timeout=timeout_s,
+                    check=False,
+                    cwd=scratch,
+                )
         except subprocess.TimeoutExpired:
             return CheckResult.failed(GPU_NVIDIA_SDK, f"nv-attestation-sdk gave no answer in {timeout_s:g} s")
         except OSError as exc:

@@ -44,10 +44,6 @@ class CheckResult:
     def skipped(cls, name: str, detail: str, *, required: bool = True) -> CheckResult:
         return cls(name, Status.SKIP, detail, required)
 
-    def prefixed(self, prefix: str) -> CheckResult:
-        """The same result under ``prefix.name`` (used for the other nodes of a multi-node report)."""
-        return replace(self, name=f"{prefix}.{self.name}")
-
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "status": self.status.value, "detail": self.detail}
 

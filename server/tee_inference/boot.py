@@ -29,7 +29,7 @@ from tee_inference.attestation.eventlog import (
     Event,
 )
 from tee_inference.config import ServerConfig
-from tee_inference.exceptions import KeySourceError, StartRefused, TrustRootError
+from tee_inference.exceptions import ConfigError, KeySourceError, StartRefused, TrustRootError
 from tee_inference.keys import KeySource, derive_signer, make_key_source
 from tee_inference.services import Services
 from tee_inference.signing import CompletionSigner
@@ -102,7 +102,7 @@ def make_trust_roots(config: ServerConfig, state: BootState | None = None) -> Tr
             return bytes.fromhex(s["seed"]) if "seed" in s else None
 
         return TrustRoots(
-            tdx=SimulatedTdxProvider(seed(tdx_state), runtime),
+            tdx=SimulatedTdxProvider(seed(tdx_state), runtime, compose=_simulated_compose(config, tdx_state)),
             gpu=SimulatedGpuProvider(seed(gpu_state), gpu_count=int(gpu_state.get("gpu_count", 1))),
         )
     from tee_inference.tee.gpu_nvml import NvmlGpuProvider
@@ -117,6 +117,22 @@ def make_trust_roots(config: ServerConfig, state: BootState | None = None) -> Tr
 
         tdx = ConfigfsTdxProvider(runtime_events=runtime)
     return TrustRoots(tdx=tdx, gpu=NvmlGpuProvider())
+
+
+def _simulated_compose(config: ServerConfig, tdx_state: JsonState) -> bytes:
+    """The app-compose the simulated platform launched: resumed, named by the config, or its default."""
+    if "compose" in tdx_state:
+        return bytes.fromhex(tdx_state["compose"])
+    if config.simulated_compose is not None:
+        try:
+            return config.simulated_compose.read_bytes()
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot read --simulated-compose {config.simulated_compose}: {exc.strerror}"
+            ) from None
+    from tee_inference.attestation.simulated_platform import SIMULATED_DEFAULT_COMPOSE
+
+    return SIMULATED_DEFAULT_COMPOSE
 
 
 def check_trust_roots(roots: TrustRoots) -> list[StartCheck]:

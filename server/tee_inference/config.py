@@ -41,6 +41,9 @@ class ServerConfig(BaseModel):
     model_weights_root: str | None = None
     # The container image this runs in, as the image build recorded it (reported and measured).
     image_digest: str | None = None
+    # With tee=simulated: the app-compose file the simulated dstack platform launched (measured
+    # into MRCONFIGID and RTMR3 as dstack does); None = a built-in placeholder.
+    simulated_compose: Path | None = None
     report_cache_ttl_s: float = Field(default=30.0, ge=0.0, le=600.0)
     signature_ttl_s: float = Field(default=3600.0, ge=1800.0)
     signature_max_entries: int = Field(default=1_000_000, gt=0)
@@ -56,6 +59,8 @@ class ServerConfig(BaseModel):
             raise ValueError("key_source 'file' needs key_file")
         if self.tee == "tdx" and self.key_source == "file":
             raise ValueError("a key from a file is for development only and is refused with --tee tdx")
+        if self.tee == "tdx" and self.simulated_compose is not None:
+            raise ValueError("--simulated-compose is for --tee simulated; on dstack the platform measures it")
         return self
 
     def api_key(self, environ: Mapping[str, str] | None = None) -> SecretStr | None:

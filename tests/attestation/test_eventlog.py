@@ -24,8 +24,8 @@ from tee_inference.attestation.eventlog import (
     load_event_log,
     replay,
     runtime_event_digest,
-    simulated_boot_events,
 )
+from tee_inference.attestation.simulated_platform import simulated_boot_events
 from tee_inference.attestation.tdx_quote import load_quote
 
 DSTACK_RUNTIME_ORDER = [

@@ -24,7 +24,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from support.servers import running
-from tee_inference.attestation.eventlog import EventLog, simulated_boot_events
+from tee_inference.attestation.eventlog import EventLog
+from tee_inference.attestation.simulated_platform import simulated_boot_events
 from tee_inference.attestation.tdx_simulated import SimulatedQuoteSigner
 
 FAKE_MRTD = hashlib.sha384(b"fake dstack MRTD").digest()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import threading
@@ -9,11 +10,12 @@ import threading
 import anyio
 import pytest
 
+from support.simulated_report import simulated_server_expectations
 from tee_inference.boot import BootState, boot, resume
 from tee_inference.config import ServerConfig
 from tee_inference.exceptions import TrustRootError
 from tee_inference.handoff import HANDOFF_ENV, HandoffServer, receive_state, services_for_process
-from tee_inference.verify import VerificationPolicy, Verifier
+from tee_inference.verify import VerificationPolicy, Verifier, parse_expected_measurements
 
 MODEL = "fake-model"
 CONFIG = ServerConfig.build(served_models=(MODEL,), model_weights_root="ab" * 32)
@@ -36,9 +38,13 @@ def test_resumed_process_signs_with_the_same_key_and_attests_the_same_boot() -> 
     report = anyio.run(first.attestation.report, nonce, "ecdsa")
     original = anyio.run(booted.attestation.report, os.urandom(32), "ecdsa")
     assert report.event_log == original.event_log
-    assert sum(1 for e in report.event_log if e["imr"] == 3) == 3
+    assert sum(1 for e in report.event_log if e["event"].startswith("tee-inference:")) == 3
+    expected = parse_expected_measurements(json.dumps(simulated_server_expectations({MODEL: "ab" * 32})))
     result = Verifier.production().verify_report(
-        report.to_dict(), VerificationPolicy.build(allow_simulated=True), nonce=nonce, model=MODEL
+        report.to_dict(),
+        VerificationPolicy.build(expected=[expected], allow_simulated=True),
+        nonce=nonce,
+        model=MODEL,
     )
     assert result.ok, [c for c in result.blocking]
 

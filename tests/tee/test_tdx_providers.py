@@ -18,12 +18,13 @@ from tee_inference.attestation.eventlog import (
     replay,
     runtime_event_digest,
 )
+from tee_inference.attestation.simulated_platform import SIMULATED_MRTD
 from tee_inference.attestation.tdx_quote import parse_quote, verify_quote_ecdsa
 from tee_inference.tee import TdxProvider
 from tee_inference.tee.configfs_tsm import ConfigfsTsm
 from tee_inference.tee.tdx import ConfigfsTdxProvider
 from tee_inference.tee.tdx_guest import TdxGuest
-from tee_inference.tee.tdx_simulated import SIMULATED_MRTD, SimulatedTdxProvider
+from tee_inference.tee.tdx_simulated import SimulatedTdxProvider
 
 REPORT_DATA = bytes(range(64))
 
@@ -56,7 +57,12 @@ def test_simulated_seeds() -> None:
 def test_simulated_event_log_replays_to_quote_after_emits() -> None:
     provider = SimulatedTdxProvider(bytes(32))
     boot = provider.event_log()
-    assert {e.imr for e in boot} == {0, 1, 2}
+    # A simulated dstack boot: firmware events in RTMR0–2, the platform's own RTMR3 events up to
+    # system-ready, and MRCONFIGID bound to the compose hash.
+    assert {e.imr for e in boot} == {0, 1, 2, 3}
+    assert [e.event for e in boot if e.imr == 3][-1] == "system-ready"
+    compose = next(e.event_payload for e in boot if e.event == "compose-hash")
+    assert parse_quote(provider.get_quote(REPORT_DATA)).td_report.mrconfigid == b"\x01" + compose + bytes(15)
     emitted = [provider.emit_event(f"event-{i}", f"payload {i}".encode()) for i in range(5)]
     for e in emitted:
         assert e.imr == 3 and e.event_type == DSTACK_RUNTIME_EVENT_TYPE
@@ -98,7 +104,7 @@ def test_simulated_emits_and_quotes_interleaved() -> None:
         list(pool.map(emit, range(20)))
         quotes = list(pool.map(quote, range(8)))
     log = provider.event_log()
-    assert sum(1 for e in log if e.imr == 3) == 20
+    assert sum(1 for e in log if e.event.startswith("e")) == 20
     for raw in quotes:
         assert compare_rtmrs(log, parse_quote(raw).td_report.rtmrs) == []
 

@@ -83,10 +83,23 @@ def test_report_command_json_and_table(tmp_path: Path, capsys: pytest.CaptureFix
     assert accepted["ok"] is True and accepted["simulated"] is True
     statuses = {c["name"]: c["status"] for c in accepted["checks"]}
     assert statuses["measurements"] == "pass" and statuses["freshness"] == "pass"
-    assert main(["verify", "report", str(path), "--allow-simulated"]) == 0
+    assert accepted["relaxed"] == []
+    # Without a nonce or an expected file nothing says "now" or "the software you expect":
+    # that is not OK unless relaxed by name, and the verdict then says what was not checked.
+    assert main(["verify", "report", str(path), "--allow-simulated"]) == 1
+    assert "blocking: freshness (skip), measurements (skip)" in capsys.readouterr().out
+    assert (
+        main(["verify", "report", str(path), "--allow-simulated", "--allow-stale", "--no-measurements"]) == 0
+    )
     table = capsys.readouterr().out
-    assert "verdict: OK (SIMULATED evidence: not hardware-backed)" in table
+    assert (
+        "verdict: OK (SIMULATED evidence: not hardware-backed) WITH RELAXATIONS: freshness not checked "
+        "(--allow-stale), measurements not checked (--no-measurements)"
+    ) in table
     assert re.search(r"^quote_signature +PASS +SIMULATED", table, re.M)
+    assert main(["verify", "report", str(path), "--allow-stale", "--no-measurements", "--json",
+                 "--allow-simulated"]) == 0  # fmt: skip
+    assert json.loads(capsys.readouterr().out)["relaxed"] == ["freshness", "measurements"]
 
 
 def test_quote_command_with_collateral(vectors: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -103,7 +116,7 @@ def test_quote_command_with_collateral(vectors: Path, capsys: pytest.CaptureFixt
 def test_usage_errors_exit_2(tmp_path: Path) -> None:
     assert main(["verify", "quote", str(tmp_path / "missing")]) == 2
     bad = tmp_path / "bad.json"
-    bad.write_text('{"format": "tee-inference-measurements/v1", "tdx": {"mrdt": []}}')
+    bad.write_text('{"format": "tee-inference-measurements/v2", "tdx": {"mrdt": []}}')
     report = tmp_path / "r.json"
     report.write_text("{}")
     assert main(["verify", "report", str(report), "--expect", str(bad)]) == 2
@@ -111,7 +124,7 @@ def test_usage_errors_exit_2(tmp_path: Path) -> None:
 
 
 def test_measurements_format_errors_name_the_field() -> None:
-    base: dict[str, Any] = {"format": "tee-inference-measurements/v1"}
+    base: dict[str, Any] = {"format": "tee-inference-measurements/v2"}
     cases = {
         json.dumps({**base, "mrtd": []}): "unknown key(s) mrtd",
         json.dumps({**base, "tdx": {"rtmr3": ["00" * 48]}}): "tdx.rtmr3 is not one of",
@@ -119,6 +132,10 @@ def test_measurements_format_errors_name_the_field() -> None:
         json.dumps({**base, "image_digest": ["sha1:00"]}): "image_digest[0]",
         json.dumps({**base, "models": {"m": {"root": "00"}}}): 'models.m must be {"weights_root": hex}',
         json.dumps({"format": "v0"}): "format must be",
+        json.dumps({"format": "tee-inference-measurements/v1"}): "format v1 did not pin the platform",
+        json.dumps({**base, "tdx": {"td_attributes": ["00" * 48]}}): "tdx.td_attributes[0]",
+        json.dumps({**base, "unpinned": ["rtmr3"]}): "unpinned must list some of",
+        json.dumps({**base, "image_digest": ["sha256:" + "00" * 32]}): "does not pin mrtd, rtmr0, rtmr1",
         "[": "not JSON",
     }
     for text, message in cases.items():
@@ -131,7 +148,7 @@ def test_measurements_round_trip_is_canonical() -> None:
     expected = parse_expected_measurements(json.dumps(node.expected_measurements()))
     text = expected.to_json()
     assert parse_expected_measurements(text).to_json() == text
-    assert text.startswith('{\n  "description"') and '"mrtd": [\n' in text
+    assert text.startswith('{\n  "compose_hash"') and '"mrtd": [\n' in text
 
 
 def test_verifier_imports_without_server_dependencies() -> None:
@@ -178,7 +195,8 @@ class FakeServer:
 def test_verify_url_end_to_end(forge: bool) -> None:
     node = SimulatedNode()
     client = httpx.Client(transport=httpx.MockTransport(FakeServer(node, forge=forge)), base_url="http://sim")
-    allow = VerificationPolicy.build(allow_simulated=True)
+    expected = parse_expected_measurements(json.dumps(node.expected_measurements()))
+    allow = VerificationPolicy.build(expected=[expected], allow_simulated=True)
     result = verify_url("http://sim", node.model, allow, verifier=Verifier.production(), client=client)
     assert result.check("signature_text").status is Status.PASS
     if forge:

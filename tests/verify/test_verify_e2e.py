@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from support.servers import running
+from support.simulated_report import simulated_server_expectations
 from tee_inference.boot import boot
 from tee_inference.config import ServerConfig
 from tee_inference.engines.fake import FakeEngine
@@ -38,8 +39,9 @@ def _failed(output: dict) -> list[str]:
     return [c["name"] for c in output["checks"] if c["status"] == "fail"]
 
 
-def test_verify_url_accepts_simulated_only_when_allowed(url: str) -> None:
-    code, out = _verify("url", url, "--model", MODEL, "--allow-simulated")
+def test_verify_url_accepts_simulated_only_when_allowed(url: str, tmp_path: Path) -> None:
+    expected = _expect(tmp_path, FakeEngine.weights_root())
+    code, out = _verify("url", url, "--model", MODEL, "--allow-simulated", "--expect", str(expected))
     assert code == 0, _failed(out)
     assert out["ok"] is True
     names = {c["name"]: c["status"] for c in out["checks"]}
@@ -52,7 +54,7 @@ def test_verify_url_accepts_simulated_only_when_allowed(url: str) -> None:
         "signature",
     ):
         assert names[required] == "pass"
-    code, out = _verify("url", url, "--model", MODEL)
+    code, out = _verify("url", url, "--model", MODEL, "--expect", str(expected))
     assert code == 1
     assert out["ok"] is False
     assert "quote_signature" in _failed(out)
@@ -60,9 +62,7 @@ def test_verify_url_accepts_simulated_only_when_allowed(url: str) -> None:
 
 def _expect(tmp_path: Path, root: str) -> Path:
     path = tmp_path / "expected.json"
-    path.write_text(
-        json.dumps({"format": "tee-inference-measurements/v1", "models": {MODEL: {"weights_root": root}}})
-    )
+    path.write_text(json.dumps(simulated_server_expectations({MODEL: root})))
     return path
 
 
@@ -82,9 +82,11 @@ def test_verify_saved_report_with_expected_measurements(url: str, tmp_path: Path
     assert code == 1
     assert "measurements" in _failed(out)
     code, out = _verify(
-        "report", str(tmp_path / "report.json"), "--nonce", secrets.token_hex(32), "--allow-simulated"
-    )
+        "report", str(tmp_path / "report.json"), "--nonce", secrets.token_hex(32), "--allow-simulated",
+        "--expect", str(good),
+    )  # fmt: skip
     assert code == 1  # a report for another nonce is not fresh
+    assert "freshness" in _failed(out)
 
 
 def test_tampered_report_fails_with_a_specific_check(url: str, tmp_path: Path) -> None:

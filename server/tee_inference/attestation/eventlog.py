@@ -21,10 +21,25 @@ RTMR_COUNT: Final = 4
 DIGEST_SIZE: Final = 48  # SHA-384
 DSTACK_RUNTIME_EVENT_TYPE: Final = 0x08000001
 
-# Our own RTMR3 events; their payload is UTF-8 JSON.
+# Our own RTMR3 events; their payload is UTF-8 JSON. On dstack they come after system-ready.
+EVENT_PREFIX: Final = "tee-inference:"
 EVENT_IMAGE: Final = "tee-inference:image"
 EVENT_MODEL_WEIGHTS: Final = "tee-inference:model-weights"
 EVENT_SIGNING_KEY: Final = "tee-inference:signing-key"
+OUR_EVENTS: Final = frozenset({EVENT_IMAGE, EVENT_MODEL_WEIGHTS, EVENT_SIGNING_KEY})
+
+# dstack's OS ends its own RTMR3 measurements with this event; anything after it was emitted by
+# the application (dstack's EmitEvent), so platform claims count only before it.
+DSTACK_SYSTEM_READY: Final = "system-ready"
+# The platform events dstack's OS emits before system-ready (v0.5 releases and later): what an
+# application must never be able to claim after it.
+DSTACK_PLATFORM_EVENTS: Final = frozenset({
+    "system-preparing", "app-id", "compose-hash", "instance-id", "boot-mr-done", "mr-kms",
+    "os-image-hash", "key-provider", "storage-fs", "init-script-hash", "gpu-policy-hash",
+    "gpu-attestation", DSTACK_SYSTEM_READY,
+})  # fmt: skip
+# Platform events dstack itself may emit more than once (up to five init scripts).
+DSTACK_REPEATABLE_EVENTS: Final = frozenset({"init-script-hash"})
 
 # TCG PC Client Platform Firmware Profile event types seen in TDX boot logs.
 TCG_EVENT_TYPES: Final[Mapping[int, str]] = {
@@ -64,6 +79,13 @@ _DSTACK_MARKERS: Final[Mapping[str, str]] = {
     "boot-mr-done": "boot phase: boot measurements done",
     "system-ready": "boot phase: system ready",
 }
+
+
+def mrconfigid_for(compose_hash: bytes) -> bytes:
+    """dstack's v1 MRCONFIGID, set by the host at launch: ``01 ‖ compose_hash (32) ‖ 00×15``."""
+    if len(compose_hash) != 32:
+        raise ValueError(f"a compose hash is 32 bytes, got {len(compose_hash)}")
+    return b"\x01" + compose_hash + bytes(15)
 
 
 class EventLogError(FormatError):
@@ -241,29 +263,6 @@ class EventLog:
     def to_list(self) -> list[dict[str, Any]]:
         """The log in the report's JSON form."""
         return [event.to_dict() for event in self.events]
-
-
-def simulated_boot_events(seed: bytes) -> list[Event]:
-    """A few SIMULATED firmware/boot events for RTMR0–2 so a simulated quote's RTMRs are not zero.
-
-    The payloads say outright that they are simulated; ``seed`` makes them differ per simulated
-    machine while staying reproducible.
-    """
-    tag = seed.hex()
-    specs = (
-        (0, 0x8000000A, "SIMULATED TDVF firmware volume"),
-        (0, 0x80000001, "SIMULATED UEFI variable SecureBoot=0"),
-        (0, 0x00000004, "SIMULATED separator"),
-        (1, 0x80000003, "SIMULATED boot loader application"),
-        (1, 0x80000007, "SIMULATED Exit Boot Services Invocation"),
-        (2, 0x0000000D, "SIMULATED kernel command line"),
-        (2, 0x00000006, "SIMULATED initrd"),
-    )
-    events = []
-    for imr, event_type, text in specs:
-        payload = f"{text} (seed {tag})".encode()
-        events.append(Event(imr, event_type, hashlib.sha384(payload).digest(), "", payload))
-    return events
 
 
 def _short_hex(data: bytes, limit: int = 32) -> str:

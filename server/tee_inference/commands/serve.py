@@ -75,6 +75,13 @@ def add_parser(commands: Subparsers) -> None:
         default=os.environ.get("TEE_INFERENCE_IMAGE_DIGEST"),
         help="digest of the image this runs in (set by the image build)",
     )
+    serve.add_argument(
+        "--simulated-compose",
+        type=Path,
+        metavar="FILE",
+        help="with --tee simulated: the app-compose file the simulated dstack platform measures "
+        "(MRCONFIGID, RTMR3 compose-hash), e.g. image/app-compose.json",
+    )
     add_key_options(serve)
 
 
@@ -114,6 +121,7 @@ def run(args: argparse.Namespace) -> int:
         tdx_provider=args.tdx_provider,
         dstack_socket=args.dstack_socket,
         image_digest=args.image_digest,
+        simulated_compose=args.simulated_compose,
     )
     options = ServeOptions(
         config=config,

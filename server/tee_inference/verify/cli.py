@@ -19,7 +19,7 @@ from cryptography import x509
 from tee_inference.exceptions import VerificationError
 from tee_inference.verify.measurements import load_expected_measurements
 from tee_inference.verify.nvsdk import DEFAULT_PYTHON, NvidiaSdkBackend
-from tee_inference.verify.policy import KNOWN_TCB_STATUSES, VerificationPolicy
+from tee_inference.verify.policy import KNOWN_TCB_STATUSES, RELAXABLE, VerificationPolicy
 from tee_inference.verify.quote import load_collateral
 from tee_inference.verify.results import Status, VerificationResult
 from tee_inference.verify.signature import verify_signature
@@ -59,6 +59,10 @@ def _evidence_options(p: argparse.ArgumentParser, *, report: bool) -> None:
             help="expected-measurements file (measurements/); repeat to accept any one of them",
         )
         p.add_argument(
+            "--no-measurements", action="store_true",
+            help="accept that nothing was compared with an expected file (the verdict says so)",
+        )  # fmt: skip
+        p.add_argument(
             "--allow-simulated", action="store_true", help="accept SIMULATED evidence (testing only)"
         )
         p.add_argument("--allow-no-gpu", action="store_true", help="accept a report without GPU evidence")
@@ -72,7 +76,7 @@ def _evidence_options(p: argparse.ArgumentParser, *, report: bool) -> None:
         )  # fmt: skip
         p.add_argument(
             "--nvidia-sdk-python", metavar="PATH", type=Path, default=DEFAULT_PYTHON,
-            help=f"python of the nv-attestation-sdk venv (default: {DEFAULT_PYTHON})",
+            help="python of the nv-attestation-sdk venv (default: the checkout's build/nvsdk-venv)",
         )  # fmt: skip
 
 
@@ -83,6 +87,13 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     report = commands.add_parser("report", help="verify a saved attestation report (SPEC §3)")
     report.add_argument("report", metavar="REPORT.json")
     report.add_argument("--nonce", metavar="HEX", help="the nonce you sent (64 hex): proves freshness")
+    report.add_argument(
+        "--allow-stale", action="store_true",
+        help="accept a report without --nonce: it may be a replay (the verdict says so)",
+    )  # fmt: skip
+    report.add_argument(
+        "--signing-algo", choices=["ecdsa", "ed25519"], help="the algorithm you asked the report for"
+    )
     _evidence_options(report, report=True)
     quote = commands.add_parser("quote", help="verify a TDX quote (binary or hex), optionally its event log")
     quote.add_argument("quote", metavar="QUOTE_FILE")
@@ -99,6 +110,10 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     url.add_argument("base_url", metavar="BASE_URL")
     url.add_argument("--model", required=True, metavar="M")
     url.add_argument("--api-key-env", metavar="VAR", help="send 'Authorization: Bearer $VAR'")
+    url.add_argument(
+        "--signing-algo", choices=["ecdsa", "ed25519"], default="ecdsa",
+        help="the report to ask for, and the signature to check (default ecdsa)",
+    )  # fmt: skip
     _evidence_options(url, report=True)
 
 
@@ -111,6 +126,14 @@ def _read(path: str) -> bytes:
 
 def _policy(args: argparse.Namespace) -> VerificationPolicy:
     relax = {"tcb_status"} if args.allow_missing_collateral else set()
+    if getattr(args, "no_measurements", False):
+        if getattr(args, "expect", []):
+            raise VerificationError("--no-measurements and --expect contradict each other")
+        relax.add("measurements")
+    if getattr(args, "allow_stale", False):
+        if getattr(args, "nonce", None):
+            raise VerificationError("--allow-stale and --nonce contradict each other")
+        relax.add("freshness")
     return VerificationPolicy.build(
         expected=[load_expected_measurements(p) for p in getattr(args, "expect", [])],
         allow_simulated=getattr(args, "allow_simulated", False),
@@ -170,7 +193,7 @@ def _run(args: argparse.Namespace) -> VerificationResult:
     if args.verify_command == "report":
         return verifier.verify_report(
             _read(args.report), policy, nonce=_nonce(args.nonce), collateral=collateral,
-            pccs_url=args.pccs_url, now=args.now, nras_client=nras_client,
+            pccs_url=args.pccs_url, now=args.now, nras_client=nras_client, signing_algo=args.signing_algo,
         )  # fmt: skip
     from tee_inference.verify.e2e import verify_url
 
@@ -184,7 +207,10 @@ def _run(args: argparse.Namespace) -> VerificationResult:
         verifier=verifier,
         api_key=api_key,
         collateral=collateral,
+        pccs_url=args.pccs_url,
         now=args.now,
+        signing_algo=args.signing_algo,
+        nras_client=nras_client,
     )
 
 
@@ -200,10 +226,15 @@ def format_table(result: VerificationResult, *, width: int = 100) -> str:
         lines.append(f"{c.name.ljust(name_width)}  {mark.ljust(6)}  {wrapped[0]}")
         lines += [f"{' ' * (name_width + 10)}{more}" for more in wrapped[1:]]
     lines.append("")
-    lines.append("(* informational: not required; ~ skipped, accepted by an --allow option)")
+    lines.append("(* informational: not required; ~ skipped, accepted by an option that relaxes it)")
     verdict = "OK" if result.ok else "NOT VERIFIED"
     if result.simulated:
         verdict += " (SIMULATED evidence: not hardware-backed)"
+    relaxed = result.relaxations()
+    if result.ok and relaxed:
+        verdict += " WITH RELAXATIONS: " + ", ".join(
+            f"{name} not checked ({RELAXABLE[name]})" for name in relaxed
+        )
     lines.append(f"verdict: {verdict}")
     if not result.ok:
         lines.append("blocking: " + ", ".join(f"{c.name} ({c.status.value})" for c in result.blocking))

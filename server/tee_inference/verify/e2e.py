@@ -36,7 +36,7 @@ def _get_json(client: httpx.Client, path: str, params: dict[str, str]) -> tuple[
         return None, f"GET {path}: answer is not JSON"
 
 
-def _completion(client: httpx.Client, model: str, prompt: str, address: str) -> list[CheckResult]:
+def _completion(client: httpx.Client, model: str, prompt: str, algo: str, identity: str) -> list[CheckResult]:
     body = json.dumps(
         {
             "model": model,
@@ -68,7 +68,7 @@ def _completion(client: httpx.Client, model: str, prompt: str, address: str) -> 
         CheckResult.passed(COMPLETION, f"{completion_id}: {len(body)}-byte request, {len(raw)}-byte response")
     ]
     stored, error = _get_json(
-        client, f"/v1/signature/{completion_id}", {"model": model, "signing_algo": "ecdsa"}
+        client, f"/v1/signature/{completion_id}", {"model": model, "signing_algo": algo}
     )
     if error or not isinstance(stored, dict):
         return [*out, CheckResult.failed(SIGNATURE, error or "signature answer is not an object")]
@@ -79,7 +79,11 @@ def _completion(client: httpx.Client, model: str, prompt: str, address: str) -> 
         ))  # fmt: skip
     else:
         out.append(CheckResult.passed(SIGNATURE_TEXT, f"sha256(request):sha256(response) = {text}"))
-    out.append(verify_signature(text, str(stored.get("signature", "")), address=address))
+    signature = str(stored.get("signature", ""))
+    if algo == "ecdsa":
+        out.append(verify_signature(text, signature, address=identity))
+    else:
+        out.append(verify_signature(text, signature, public_key=identity))
     return out
 
 
@@ -92,8 +96,11 @@ def verify_url(
     client: httpx.Client | None = None,
     api_key: str | None = None,
     collateral: Any = None,
+    pccs_url: str | None = None,
     now: int | None = None,
     prompt: str = DEFAULT_PROMPT,
+    signing_algo: str = "ecdsa",
+    nras_client: Any = None,
 ) -> VerificationResult:
     """Verify a live endpoint: its report under ``policy``, then one signed completion.
 
@@ -105,22 +112,33 @@ def verify_url(
     http = client or httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=60.0)
     try:
         nonce = os.urandom(32)
-        params = {"model": model, "nonce": nonce.hex(), "signing_algo": "ecdsa"}
+        params = {"model": model, "nonce": nonce.hex(), "signing_algo": signing_algo}
         report, error = _get_json(http, "/v1/attestation/report", params)
         if error:
             return VerificationResult((CheckResult.failed(REPORT_FETCH, error),), policy.relax)
         result = verifier.verify_report(
-            report, policy, nonce=nonce, model=model, collateral=collateral, now=now
+            report,
+            policy,
+            nonce=nonce,
+            model=model,
+            collateral=collateral,
+            pccs_url=pccs_url,
+            now=now,
+            signing_algo=signing_algo,
+            nras_client=nras_client,
         )
         fetched = CheckResult.passed(REPORT_FETCH, f"{base_url} answered for nonce {nonce.hex()}")
         result = VerificationResult(
             (fetched, *result.checks), result.relaxed, result.simulated, result.attested
         )
-        address = result.attested.get("signing_address")
-        if not isinstance(address, str):
-            skip = "no attested signing address (report_data did not verify)"
-            return result.extended([CheckResult.failed(SIGNATURE, skip)])
-        return result.extended(_completion(http, model, prompt, address))
+        # Only what report_data bound may vouch for a signature: for ecdsa the address, for ed25519
+        # the public key, and only when the report is for the algorithm we asked for.
+        field = "signing_address" if signing_algo == "ecdsa" else "signing_public_key"
+        identity = result.attested.get(field) if result.attested.get("signing_algo") == signing_algo else None
+        if not isinstance(identity, str):
+            missing = f"no attested {signing_algo} key (report_data did not bind one)"
+            return result.extended([CheckResult.failed(SIGNATURE, missing)])
+        return result.extended(_completion(http, model, prompt, signing_algo, identity))
     finally:
         if own:
             http.close()

@@ -1,9 +1,19 @@
-"""The event log as evidence: replay against the quote, then read what RTMR3 measured.
+"""The event log as evidence: replay against the quote, then read what RTMR3 measured, phase by phase.
 
 Only after replay matches the quote and every runtime event's digest matches its name and payload
 are the payloads facts; ``read_runtime_events`` is therefore called on a log that passed
-``check_event_log``. It reads our events (image, model weights, signing key) and dstack's
-(compose hash, OS image hash, instance id, key provider).
+``check_event_log``. Who wrote an event matters as much as what it says, because dstack lets the
+application extend RTMR3 through the same API as the platform (EmitEvent). So, as dstack's own
+verifier does:
+
+    RTMR3 on dstack:   [platform events … system-ready] [application events …]
+      platform events (compose-hash, app-id, instance-id, os-image-hash, key-provider, …)
+          count only before the first system-ready, once each
+      tee-inference:*  count only after it, once per name (weights: once per model)
+      anything else    reported, never trusted
+
+Without a system-ready event (a bare TDX VM, no dstack) there is no platform phase: no platform
+claim is read at all, and our events count once per name wherever they are.
 """
 
 from __future__ import annotations
@@ -14,10 +24,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tee_inference.attestation.eventlog import (
+    DSTACK_PLATFORM_EVENTS,
+    DSTACK_REPEATABLE_EVENTS,
     DSTACK_RUNTIME_EVENT_TYPE,
+    DSTACK_SYSTEM_READY,
     EVENT_IMAGE,
     EVENT_MODEL_WEIGHTS,
+    EVENT_PREFIX,
     EVENT_SIGNING_KEY,
+    OUR_EVENTS,
     RTMR_COUNT,
     Event,
     EventLogError,
@@ -28,18 +43,20 @@ from tee_inference.attestation.eventlog import (
 )
 from tee_inference.verify.results import CheckResult
 
-EVENT_LOG_REPLAY = "event_log_replay"
+EVENT_LOG_REPLAY, RUNTIME_EVENTS = "event_log_replay", "runtime_events"
 
 
 @dataclass(frozen=True)
 class RuntimeClaims:
-    """What RTMR3 says, decoded. Lists keep every occurrence: a key rotation adds a signing-key event."""
+    """What RTMR3 says, read by the rules above. ``problems`` are reasons not to trust the log."""
 
-    images: tuple[dict[str, Any], ...] = ()
-    models: tuple[dict[str, Any], ...] = ()
-    signing_keys: tuple[dict[str, Any], ...] = ()
-    dstack: dict[str, str] = field(default_factory=dict)  # event name -> hex payload (last wins)
-    problems: tuple[str, ...] = ()  # our events whose payload is not the JSON object we emit
+    platform: dict[str, bytes] = field(default_factory=dict)  # dstack event name -> payload
+    dstack: bool = False  # a system-ready event was seen
+    image: dict[str, Any] | None = None
+    models: dict[str, dict[str, Any]] = field(default_factory=dict)  # model name -> payload
+    signing_key: dict[str, Any] | None = None
+    problems: tuple[str, ...] = ()
+    ignored: tuple[str, ...] = ()  # events that carry no claim we read (reported, not trusted)
     descriptions: tuple[str, ...] = ()
 
 
@@ -79,26 +96,93 @@ def _json_object(event: Event) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-def read_runtime_events(events: Sequence[Event]) -> RuntimeClaims:
-    ours: dict[str, list[dict[str, Any]]] = {EVENT_IMAGE: [], EVENT_MODEL_WEIGHTS: [], EVENT_SIGNING_KEY: []}
-    dstack: dict[str, str] = {}
-    problems = []
-    for index, event in enumerate(events):
-        if event.imr != 3 or event.event_type != DSTACK_RUNTIME_EVENT_TYPE:
-            continue
-        if event.event in ours:
-            value = _json_object(event)
-            if value is None:
-                problems.append(f"event_log[{index}] {event.event}: payload is not a JSON object")
-            else:
-                ours[event.event].append(value)
+class _Reader:
+    """One pass over RTMR3's runtime events, collecting claims and every reason to distrust them."""
+
+    def __init__(self, dstack: bool) -> None:
+        self.dstack = dstack
+        self.platform_phase = dstack  # on dstack the log starts with the platform's events
+        self.platform: dict[str, bytes] = {}
+        self.ours: dict[str, dict[str, Any]] = {}
+        self.models: dict[str, dict[str, Any]] = {}
+        self.problems: list[str] = []
+        self.ignored: list[str] = []
+
+    def read(self, index: int, event: Event) -> None:
+        where = f"event_log[{index}] {event.event!r}"
+        if self.platform_phase:
+            self._platform(where, event)
+        elif event.event.startswith(EVENT_PREFIX):
+            self._ours(where, event)
+        elif event.event in DSTACK_PLATFORM_EVENTS and self.dstack:
+            self.problems.append(
+                f"{where} comes after system-ready: an application claiming to be the platform"
+            )
         else:
-            dstack[event.event] = event.event_payload.hex()
+            self.ignored.append(f"{where}: not a claim this verifier reads")
+
+    def _platform(self, where: str, event: Event) -> None:
+        name = event.event
+        if name == DSTACK_SYSTEM_READY:
+            self.platform_phase = False
+            return
+        if name.startswith(EVENT_PREFIX):
+            self.problems.append(f"{where} comes before system-ready, where only the platform writes")
+        elif name in self.platform and name not in DSTACK_REPEATABLE_EVENTS:
+            self.problems.append(f"{where} appears twice before system-ready")
+        elif name not in DSTACK_PLATFORM_EVENTS:
+            self.ignored.append(f"{where}: platform event this verifier does not read")
+        else:
+            self.platform.setdefault(name, event.event_payload)
+
+    def _ours(self, where: str, event: Event) -> None:
+        if event.event not in OUR_EVENTS:
+            self.ignored.append(f"{where}: not an event this version of tee-inference writes")
+            return
+        value = _json_object(event)
+        if value is None:
+            self.problems.append(f"{where}: payload is not the JSON object tee-inference writes")
+        elif event.event == EVENT_MODEL_WEIGHTS:
+            model = str(value.get("model"))
+            if model in self.models:
+                self.problems.append(f"{where}: weights of model {model!r} recorded twice")
+            self.models.setdefault(model, value)
+        elif event.event in self.ours:
+            self.problems.append(f"{where} recorded twice: only the first could be the boot's own")
+        else:
+            self.ours[event.event] = value
+
+
+def read_runtime_events(events: Sequence[Event]) -> RuntimeClaims:
+    """RTMR3's claims by the rules in this module's docstring (call on a replayed log only)."""
+    runtime = [
+        (i, e) for i, e in enumerate(events) if e.imr == 3 and e.event_type == DSTACK_RUNTIME_EVENT_TYPE
+    ]
+    reader = _Reader(dstack=any(e.event == DSTACK_SYSTEM_READY for _, e in runtime))
+    seen_ready = False
+    for index, event in runtime:
+        if event.event == DSTACK_SYSTEM_READY and seen_ready:
+            reader.problems.append(f"event_log[{index}] 'system-ready' appears a second time")
+            continue
+        seen_ready = seen_ready or event.event == DSTACK_SYSTEM_READY
+        reader.read(index, event)
     return RuntimeClaims(
-        images=tuple(ours[EVENT_IMAGE]),
-        models=tuple(ours[EVENT_MODEL_WEIGHTS]),
-        signing_keys=tuple(ours[EVENT_SIGNING_KEY]),
-        dstack=dstack,
-        problems=tuple(problems),
+        platform=reader.platform,
+        dstack=reader.dstack,
+        image=reader.ours.get(EVENT_IMAGE),
+        models=reader.models,
+        signing_key=reader.ours.get(EVENT_SIGNING_KEY),
+        problems=tuple(reader.problems),
+        ignored=tuple(reader.ignored),
         descriptions=tuple(describe_event(e) for e in events if e.imr == 3),
     )
+
+
+def check_runtime_events(claims: RuntimeClaims) -> CheckResult:
+    """runtime_events: RTMR3 follows the phase rules (no duplicates, no impostors)."""
+    if claims.problems:
+        return CheckResult.failed(RUNTIME_EVENTS, "; ".join(claims.problems))
+    phase = "dstack platform events before system-ready, ours after" if claims.dstack else "no dstack phase"
+    ignored = f"; ignored: {'; '.join(claims.ignored)}" if claims.ignored else ""
+    measured = "; ".join(claims.descriptions)
+    return CheckResult.passed(RUNTIME_EVENTS, f"{phase}, each claim once{ignored}. RTMR3: {measured}")

@@ -1,8 +1,13 @@
-"""What is acceptable, as policy objects: TCB status, simulation, measurements, relaxed skips.
+"""What is acceptable, as policy objects: TCB status, TD attributes, simulation, measurements.
 
 Each policy answers one question with a ``CheckResult``. Measurement policies compose with
 ``AllOf`` and ``AnyOf`` (accept the release you reviewed *or* the one rolling out next), in the
 manner of sigstore-python's identity policies; the verifier never reads loose flags.
+
+The defaults are the strict ones, the same in the library and the CLI: ``ok`` needs measurements
+compared against an expected file and freshness proved by a nonce the caller chose. A caller
+relaxes either only by name (``relax={"measurements"}``, ``{"freshness"}``; in the CLI
+``--no-measurements``, ``--allow-stale``), and the verdict says so.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Final, Protocol
 
+from tee_inference.attestation.td_attributes import TdAttributesPolicy
 from tee_inference.exceptions import VerificationError
 from tee_inference.verify.measurements import (
     ExpectedMeasurements,
@@ -20,6 +26,11 @@ from tee_inference.verify.measurements import (
 from tee_inference.verify.results import CheckResult, Status
 
 MEASUREMENTS: Final = "measurements"
+FRESHNESS: Final = "freshness"
+TCB_STATUS: Final = "tcb_status"
+# The required checks a caller may accept as skipped, and the CLI option that says so.
+RELAXABLE: Final = {MEASUREMENTS: "--no-measurements", FRESHNESS: "--allow-stale",
+                    TCB_STATUS: "--allow-missing-collateral"}  # fmt: skip
 
 # Intel's TCB statuses (TCB Info v3); only UpToDate means "no known issue".
 KNOWN_TCB_STATUSES: Final = frozenset({
@@ -86,7 +97,8 @@ class MeasurementPolicy:
         bad = [r for r in results if not r.ok]
         if bad:
             return CheckResult.failed(MEASUREMENTS, f"{where}: " + "; ".join(str(r) for r in bad))
-        return CheckResult.passed(MEASUREMENTS, f"{where}: " + ", ".join(str(r) for r in results))
+        open_ = f"; NOT pinned: {', '.join(sorted(self.expected.unpinned))}" if self.expected.unpinned else ""
+        return CheckResult.passed(MEASUREMENTS, f"{where}: " + ", ".join(str(r) for r in results) + open_)
 
 
 @dataclass(frozen=True)
@@ -128,9 +140,9 @@ class AnyOf:
 class VerificationPolicy:
     """Everything a verification judges by.
 
-    ``relax`` names required checks whose *skip* is acceptable (never a failure), e.g.
-    ``tcb_status`` when no collateral is at hand. ``measurements`` None means values are shown
-    but not compared, and the check is informational.
+    ``relax`` names required checks whose *skip* is acceptable (never a failure): the keys of
+    ``RELAXABLE``. ``measurements`` None means no expected file: the ``measurements`` check is
+    then a required skip, so ``ok`` stays false unless ``measurements`` is relaxed.
     """
 
     tcb: TcbPolicy = field(default_factory=TcbPolicy)
@@ -138,7 +150,14 @@ class VerificationPolicy:
     measurements: ClaimsPolicy | None = None
     relax: frozenset[str] = frozenset()
     require_gpu: bool = True
-    allow_debug: bool = False
+    td_attributes: TdAttributesPolicy = field(default_factory=TdAttributesPolicy)
+
+    def __post_init__(self) -> None:
+        unknown = self.relax - RELAXABLE.keys()
+        if unknown:
+            raise VerificationError(
+                f"cannot relax {', '.join(sorted(unknown))}; only {', '.join(sorted(RELAXABLE))} can be"
+            )
 
     @classmethod
     def build(

@@ -9,6 +9,7 @@ the pinned Intel root, so an offline run says what it did check and what it skip
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -18,6 +19,7 @@ from typing import Any
 import dcap_qvl
 from cryptography import x509
 
+from tee_inference.attestation.td_attributes import DEBUG, as_int, describe_attributes
 from tee_inference.attestation.tdx_quote import (
     Quote,
     QuoteFormatError,
@@ -25,7 +27,6 @@ from tee_inference.attestation.tdx_quote import (
     is_simulated_quote,
     load_pck_chain,
     load_quote,
-    td_debug,
     verify_quote_ecdsa,
 )
 from tee_inference.exceptions import VerificationError
@@ -139,6 +140,13 @@ def _intel_checks(
         report = dcap_qvl.verify(quote.raw, collateral, now)
     except ValueError as exc:
         detail = f"dcap-qvl at {_iso(now)}: {' '.join(str(exc).split())}"  # its errors span lines
+        mismatch = _fmspc_mismatch(quote, collateral)
+        if mismatch is not None and not offline:
+            # The quote is fine; the collateral describes another platform, so no TCB status.
+            return [
+                CheckResult.passed(QUOTE_SIGNATURE, f"{offline_text}; collateral not applicable"),
+                CheckResult.failed(TCB_STATUS, mismatch),
+            ], None
         return [
             CheckResult.failed(QUOTE_SIGNATURE, f"{detail}; {offline_text}"),
             CheckResult.skipped(TCB_STATUS, "not evaluated: the quote did not verify with the collateral"),
@@ -154,6 +162,21 @@ def _intel_checks(
             f"{offline_text}",
         )
     return [sig, policy.tcb.evaluate(status, advisories)], status
+
+
+def _fmspc_mismatch(quote: Quote, collateral: Any) -> str | None:
+    """A message when the collateral's TCB info is for another FMSPC than the quote's PCK certificate."""
+    try:
+        ours = str(dcap_qvl.Quote.parse(quote.raw).fmspc()).upper()
+        theirs = str(json.loads(collateral.tcb_info)["fmspc"]).upper()
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+    if ours == theirs:
+        return None
+    return (
+        f"the collateral is for platform FMSPC {theirs}, the quote's PCK certificate is for {ours}: "
+        "fetch the collateral for this platform (--pccs-url, or a file for FMSPC " + ours + ")"
+    )
 
 
 def check_quote(
@@ -186,14 +209,17 @@ def check_quote(
     else:
         when = int(time.time()) if now is None else now
         sig_checks, tcb_status = _intel_checks(quote, policy, intel_root, collateral, when)
-    attributes = quote.td_report.td_attributes.hex()
-    if td_debug(quote.td_report):
-        debug = f"td_attributes {attributes}: DEBUG is set, the host can read the TD's memory"
-        td = (
-            CheckResult.passed(TD_ATTRIBUTES, f"{debug} (allowed by policy)")
-            if policy.allow_debug
-            else CheckResult.failed(TD_ATTRIBUTES, debug)
-        )
-    else:
-        td = CheckResult.passed(TD_ATTRIBUTES, f"td_attributes {attributes}: not a debug TD")
-    return QuoteChecks(quote, (structure, *sig_checks, td), simulated, tcb_status)
+    return QuoteChecks(
+        quote, (structure, *sig_checks, check_td_attributes(quote, policy)), simulated, tcb_status
+    )
+
+
+def check_td_attributes(quote: Quote, policy: VerificationPolicy) -> CheckResult:
+    """td_attributes: DEBUG, SEPT_VE_DISABLE, MIGRATABLE and the module's fixed bits (XFAM too)."""
+    attributes, xfam = as_int(quote.td_report.td_attributes), as_int(quote.td_report.xfam)
+    shown = f"attributes {describe_attributes(attributes)}, XFAM {xfam:#x}"
+    problems = policy.td_attributes.problems(attributes, xfam)
+    if problems:
+        return CheckResult.failed(TD_ATTRIBUTES, f"{shown}: " + "; ".join(problems))
+    debug = " (DEBUG allowed by policy: NOT for production)" if attributes & DEBUG else ""
+    return CheckResult.passed(TD_ATTRIBUTES, f"{shown}: a production TD{debug}")

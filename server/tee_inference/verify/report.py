@@ -1,8 +1,10 @@
-"""The attestation report (SPEC §3) as input: its typed form and the checks that bind its parts.
+"""The attestation report (SPEC §3) as input: the checks that tie its parts to what the quote binds.
 
-The quote proves a TD with certain measurements produced ``report_data``; these checks tie the
-rest of the report to it: the signing key (report_data and the RTMR3 signing-key event), the
-model and image (RTMR3 events against ``info``), and the simulation label.
+The quote proves that a TD with certain measurements produced ``report_data``. Only what
+``report_data`` binds is attested: the signing address (ecdsa) or the ed25519 public key, and the
+nonce. Every other key field of the report is derived from that or checked against it, so a report
+whose ``signing_public_key`` can be swapped without touching the quote does not pass. The rest —
+model, image, platform — is read from RTMR3 by the phase rules of ``events.py``.
 """
 
 from __future__ import annotations
@@ -13,15 +15,18 @@ from typing import Any
 
 import coincurve
 
+from tee_inference.attestation.eventlog import mrconfigid_for
 from tee_inference.attestation.report import AttestationReport
 from tee_inference.attestation.report_data import explain_report_data_mismatch, report_data_for
 from tee_inference.signing import address_of, checksum_address
 from tee_inference.verify.events import RuntimeClaims
+from tee_inference.verify.policy import FRESHNESS, RELAXABLE
 from tee_inference.verify.results import CheckResult
 
 REPORT_FORMAT, REPORT_DATA, SIGNING_KEY = "report_format", "report_data", "signing_key"
+SIGNING_ALGO, MRCONFIGID = "signing_algo", "mrconfigid"
 SIGNING_KEY_EVENT, MODEL_EVENT, IMAGE_EVENT = "signing_key_event", "model_event", "image_event"
-FRESHNESS, SIMULATED = "freshness", "simulated"
+SIMULATED = "simulated"
 
 
 def parse_report(obj: Any) -> tuple[AttestationReport | None, CheckResult]:
@@ -34,13 +39,24 @@ def parse_report(obj: Any) -> tuple[AttestationReport | None, CheckResult]:
     )
 
 
+def check_signing_algo(report: AttestationReport, asked: str | None) -> CheckResult:
+    """The report answers with the algorithm the caller asked for (no silent substitution)."""
+    if asked is None:
+        return CheckResult.passed(SIGNING_ALGO, f"{report.signing_algo} (the caller named none)")
+    if report.signing_algo != asked:
+        return CheckResult.failed(
+            SIGNING_ALGO,
+            f"asked for an {asked} report, got {report.signing_algo}: nothing it binds is {asked}",
+        )
+    return CheckResult.passed(SIGNING_ALGO, f"{asked}, as asked")
+
+
 def check_freshness(report: AttestationReport, nonce: bytes | None) -> CheckResult:
     if nonce is None:
         return CheckResult.skipped(
             FRESHNESS,
-            "no --nonce given: checked against the report's own request_nonce, so this report "
-            "could be a replay",
-            required=False,
+            "no nonce of yours (--nonce): the report binds only its own request_nonce, so it could "
+            f"be a replay ({RELAXABLE[FRESHNESS]} accepts that)",
         )
     if not hmac.compare_digest(nonce, report.request_nonce):
         return CheckResult.failed(
@@ -50,9 +66,15 @@ def check_freshness(report: AttestationReport, nonce: bytes | None) -> CheckResu
 
 
 def check_signing_key(report: AttestationReport) -> CheckResult:
-    """The public key the report shows must be the one behind the address it claims."""
+    """Every key field derives from, or is checked against, the identity report_data binds."""
     if report.signing_algo == "ed25519":
-        return CheckResult.passed(SIGNING_KEY, f"ed25519 public key {report.signing_public_key.hex()}")
+        # report_data binds the ed25519 key itself; the report's ecdsa address is another key,
+        # which this quote does not bind, so it is never reported as attested.
+        return CheckResult.passed(
+            SIGNING_KEY,
+            f"ed25519 public key {report.signing_public_key.hex()} (the report's ecdsa address "
+            f"{report.signing_address} is not bound by this quote)",
+        )
     try:
         derived = checksum_address(address_of(coincurve.PublicKey(report.signing_public_key)))
     except ValueError as exc:
@@ -73,6 +95,25 @@ def check_report_data(report: AttestationReport, actual: bytes, nonce: bytes) ->
     return CheckResult.passed(REPORT_DATA, f"binds {report.signing_algo} key {who} and nonce {nonce.hex()}")
 
 
+def check_mrconfigid(claims: RuntimeClaims | None, mrconfigid: bytes) -> CheckResult:
+    """On dstack, MRCONFIGID (set by the host at launch, signed in the TD report) is 01 ‖ compose_hash."""
+    if claims is None:
+        return CheckResult.skipped(MRCONFIGID, "event log not verified")
+    compose = claims.platform.get("compose-hash")
+    if not claims.dstack:
+        detail = f"no dstack platform events: MRCONFIGID {mrconfigid.hex()[:16]}… is not tied to a compose"
+        return CheckResult.skipped(MRCONFIGID, detail, required=False)
+    if compose is None or len(compose) != 32:
+        return CheckResult.failed(MRCONFIGID, "dstack platform events carry no 32-byte compose-hash")
+    if not hmac.compare_digest(mrconfigid, mrconfigid_for(compose)):
+        return CheckResult.failed(
+            MRCONFIGID,
+            f"MRCONFIGID {mrconfigid.hex()} is not 01 ‖ compose_hash {compose.hex()} ‖ 00×15: the host "
+            "launched another compose than the one RTMR3 records",
+        )
+    return CheckResult.passed(MRCONFIGID, f"01 ‖ compose_hash {compose.hex()} ‖ 00×15, as launched")
+
+
 def _same(a: object, b: object) -> bool:
     return (
         isinstance(a, str)
@@ -88,66 +129,59 @@ def check_runtime_claims(
     if claims is None:
         skip = "event log not verified, so nothing it records can be relied on"
         return [CheckResult.skipped(n, skip) for n in (SIGNING_KEY_EVENT, MODEL_EVENT, IMAGE_EVENT)]
-    out = []
-    key_field = "address" if report.signing_algo == "ecdsa" else "ed25519_public_key"
-    wanted = report.signing_address if report.signing_algo == "ecdsa" else report.signing_public_key.hex()
-    matches = [
-        k
-        for k in claims.signing_keys
-        if _same(k.get(key_field), wanted) and _same(k.get("address"), report.signing_address)
-    ]
-    if matches:
-        k = matches[-1]
-        out.append(CheckResult.passed(
-            SIGNING_KEY_EVENT,
-            f"RTMR3 measured this key (epoch {k.get('epoch')}, source {k.get('key_source')})",
-        ))  # fmt: skip
-    elif claims.signing_keys:
-        seen = ", ".join(str(k.get(key_field)) for k in claims.signing_keys)
-        out.append(CheckResult.failed(SIGNING_KEY_EVENT, f"RTMR3 measured key(s) {seen}, not {wanted}"))
-    else:
-        out.append(
-            CheckResult.failed(
-                SIGNING_KEY_EVENT, "no signing-key event in RTMR3: the key is not tied to the measured boot"
-            )
+    return [_key_event(report, claims), _model_event(report, claims, model), _image_event(report, claims)]
+
+
+def _key_event(report: AttestationReport, claims: RuntimeClaims) -> CheckResult:
+    key = claims.signing_key
+    if key is None:
+        return CheckResult.failed(
+            SIGNING_KEY_EVENT, "no signing-key event in RTMR3: the key is not tied to the measured boot"
         )
+    if report.signing_algo == "ecdsa":
+        field, wanted = "address", report.signing_address
+    else:
+        field, wanted = "ed25519_public_key", report.signing_public_key.hex()
+    if not _same(key.get(field), wanted):
+        return CheckResult.failed(SIGNING_KEY_EVENT, f"RTMR3 measured key {key.get(field)}, not {wanted}")
+    return CheckResult.passed(
+        SIGNING_KEY_EVENT,
+        f"RTMR3 measured this key (epoch {key.get('epoch')}, source {key.get('key_source')})",
+    )
+
+
+def _model_event(report: AttestationReport, claims: RuntimeClaims, model: str | None) -> CheckResult:
     name, root = report.info.get("model"), report.info.get("model_weights_root")
-    measured = {str(m.get("model")): str(m.get("root")) for m in claims.models}
+    measured = {n: str(m.get("root")) for n, m in claims.models.items()}
     if model is not None and name != model:
-        out.append(CheckResult.failed(MODEL_EVENT, f"report is for model {name!r}, you asked for {model!r}"))
-    elif not isinstance(name, str) or name not in measured:
-        out.append(
-            CheckResult.failed(
-                MODEL_EVENT,
-                f"RTMR3 measured weights for {sorted(measured) or 'no model'}, info.model is {name!r}",
-            )
+        return CheckResult.failed(MODEL_EVENT, f"report is for model {name!r}, you asked for {model!r}")
+    if not isinstance(name, str) or name not in measured:
+        return CheckResult.failed(
+            MODEL_EVENT,
+            f"RTMR3 measured weights for {sorted(measured) or 'no model'}, info.model is {name!r}",
         )
-    elif not _same(measured[name], root):
-        out.append(
-            CheckResult.failed(
-                MODEL_EVENT, f"RTMR3 measured weights root {measured[name]} for {name}, info says {root}"
-            )
+    if not _same(measured[name], root):
+        return CheckResult.failed(
+            MODEL_EVENT, f"RTMR3 measured weights root {measured[name]} for {name}, info says {root}"
         )
-    else:
-        out.append(
-            CheckResult.passed(MODEL_EVENT, f"{name}: weights root {measured[name]} measured in RTMR3")
-        )
+    return CheckResult.passed(MODEL_EVENT, f"{name}: weights root {measured[name]} measured in RTMR3")
+
+
+def _image_event(report: AttestationReport, claims: RuntimeClaims) -> CheckResult:
     digest = report.info.get("image_digest")
-    images = [str(i.get("image_digest")) for i in claims.images]
-    if not images and digest:
-        out.append(
-            CheckResult.failed(IMAGE_EVENT, f"info claims image {digest} but RTMR3 has no image event")
+    if claims.image is None:
+        if digest:
+            return CheckResult.failed(IMAGE_EVENT, f"info claims image {digest} but RTMR3 has no image event")
+        return CheckResult.failed(IMAGE_EVENT, "RTMR3 has no tee-inference image event")
+    measured = claims.image.get("image_digest")
+    if measured != digest:
+        return CheckResult.failed(IMAGE_EVENT, f"RTMR3 measured image {measured}, info says {digest}")
+    if measured is None:
+        # Honest, but nothing to pin: the server was not started from a built image.
+        return CheckResult.passed(
+            IMAGE_EVENT, "RTMR3 records no image digest: not started from a built image"
         )
-    elif not images:
-        out.append(
-            CheckResult.skipped(IMAGE_EVENT, "no image event in RTMR3 (not a built image)", required=False)
-        )
-    elif digest is not None and digest != images[-1]:
-        out.append(CheckResult.failed(IMAGE_EVENT, f"RTMR3 measured image {images[-1]}, info says {digest}"))
-    else:
-        out.append(CheckResult.passed(IMAGE_EVENT, f"image {images[-1]} measured in RTMR3"))
-    out += [CheckResult.failed(MODEL_EVENT, p) for p in claims.problems]
-    return out
+    return CheckResult.passed(IMAGE_EVENT, f"image {measured} measured in RTMR3")
 
 
 def check_simulated(info: Mapping[str, Any], quote_sim: bool, gpu_sim: bool, allowed: bool) -> CheckResult:
@@ -172,13 +206,14 @@ def check_simulated(info: Mapping[str, Any], quote_sim: bool, gpu_sim: bool, all
     return CheckResult.passed(SIMULATED, "hardware evidence: no SIMULATED roots")
 
 
-def summarize_nodes(results: Sequence[tuple[str, bool, str]]) -> CheckResult:
-    """all_attestations: (node label, ok, first problem) for each other node."""
-    if not results:
-        return CheckResult.passed("all_attestations", "single node: this report is the only attestation")
-    bad = [f"{label}: {problem}" for label, ok, problem in results if not ok]
+def summarize_nodes(others: Sequence[tuple[str, bool, str]]) -> CheckResult:
+    """all_attestations: (node label, ok, first problem) for every node other than the one answering."""
+    bad = [f"{label}: {problem}" for label, ok, problem in others if not ok]
     if bad:
         return CheckResult.failed("all_attestations", "; ".join(bad))
+    if not others:
+        return CheckResult.passed("all_attestations", "single node: this report is the only attestation")
     return CheckResult.passed(
-        "all_attestations", f"{len(results)} other node(s) verified with the same nonce"
+        "all_attestations",
+        f"{len(others)} other node(s), each verified on its own quote, key and GPUs for the same nonce",
     )

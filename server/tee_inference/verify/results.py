@@ -87,11 +87,18 @@ class VerificationResult:
     def extended(self, checks: Iterable[CheckResult], **attested: Any) -> VerificationResult:
         return replace(self, checks=(*self.checks, *checks), attested={**self.attested, **attested})
 
+    def relaxations(self) -> list[str]:
+        """The required checks that were skipped and accepted only because the caller said so."""
+        return sorted(
+            c.name for c in self.checks if c.required and c.status is Status.SKIP and c.name in self.relaxed
+        )
+
     def to_dict(self) -> dict[str, Any]:
-        """SPEC §7's machine form, plus ``simulated`` and what was attested."""
+        """SPEC §7's machine form, plus what was relaxed, ``simulated`` and what was attested."""
         return {
             "ok": self.ok,
             "checks": [c.to_dict() for c in self.checks],
+            "relaxed": self.relaxations(),
             "simulated": self.simulated,
             "attested": dict(self.attested),
         }

@@ -3,13 +3,18 @@
 Build it with ``Verifier.production()`` (Intel's pinned SGX root and dcap-qvl's collateral
 checks, NVIDIA's pinned Device Identity CA) or from roots you name, as a test does. What is
 acceptable comes in as a ``VerificationPolicy``; evidence comes in as bytes or parsed JSON.
+
+A report is judged node by node: the node that answered, then every other entry of
+``all_attestations``, each on its own quote, key binding, event log, measurements and GPU evidence,
+all for the one nonce. ``ok`` means: the software we expect (measurements compared), on hardware
+we trust (quote and GPU chains), now (the caller's nonce) — unless the caller relaxed a part by name.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from cryptography import x509
@@ -17,16 +22,37 @@ from cryptography import x509
 from tee_inference.attestation.nvidia_payload import NvidiaPayload
 from tee_inference.attestation.nvidia_spdm import GpuAttestationError
 from tee_inference.attestation.report import AttestationReport
-from tee_inference.exceptions import VerificationError
+from tee_inference.attestation.tdx_quote import Quote
 from tee_inference.verify import events as ev
 from tee_inference.verify import report as rp
 from tee_inference.verify.gpu import check_gpu, check_nras
-from tee_inference.verify.measurements import MeasuredValues
+from tee_inference.verify.measurements import TDX_FIELDS, MeasuredValues
 from tee_inference.verify.nvsdk import GPU_NVIDIA_SDK, NvidiaSdkBackend
-from tee_inference.verify.policy import MEASUREMENTS, VerificationPolicy
+from tee_inference.verify.policy import MEASUREMENTS, RELAXABLE, VerificationPolicy
 from tee_inference.verify.quote import check_quote, fetch_collateral
-from tee_inference.verify.results import CheckResult, Status, VerificationResult
+from tee_inference.verify.results import CheckResult, Status, VerificationError, VerificationResult
 from tee_inference.verify.trust import load_intel_root, production_nvidia_root
+
+
+@dataclass(frozen=True)
+class _Evidence:
+    """What the caller hands every node's verification alongside the policy."""
+
+    nonce: bytes
+    model: str | None
+    collateral: Any
+    now: int | None
+    nras_client: Any
+
+
+@dataclass(frozen=True)
+class NodeResult:
+    """One node's checks and what they established about it."""
+
+    checks: tuple[CheckResult, ...]
+    simulated: bool
+    attested: dict[str, Any] = field(default_factory=dict)
+    devices: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -71,12 +97,9 @@ class Verifier:
             checks.append(replay)
             if events is not None:
                 claims = ev.read_runtime_events(events)
-                checks.append(
-                    CheckResult.passed(
-                        "runtime_events", "; ".join(claims.descriptions) or "none", required=False
-                    )
-                )
-            attested.update(mrtd=td.mrtd.hex(), **{f"rtmr{i}": r.hex() for i, r in enumerate(td.rtmrs)})
+                checks.append(ev.check_runtime_events(claims))
+                checks.append(rp.check_mrconfigid(claims, td.mrconfigid))
+            attested.update(_tdx_values(qc.quote))
         return VerificationResult(tuple(checks), policy.relax, qc.simulated, attested)
 
     def verify_report(
@@ -86,110 +109,174 @@ class Verifier:
         *,
         nonce: bytes | None = None,
         model: str | None = None,
+        signing_algo: str | None = None,
         collateral: Any = None,
         pccs_url: str | None = None,
         now: int | None = None,
         nras_client: Any = None,
-        _nested: bool = False,
     ) -> VerificationResult:
-        """A whole SPEC §3 report. ``nonce`` is the one you sent; without it freshness is not shown."""
+        """A whole SPEC §3 report. ``nonce`` is the one you sent; ``signing_algo`` the one you asked.
+
+        Without ``nonce`` freshness is a required skip, and without an expected file in the policy
+        so are measurements: ``ok`` stays false unless the policy relaxes them by name.
+        """
         if nonce is not None and len(nonce) != 32:
             raise VerificationError(f"a nonce is 32 bytes, got {len(nonce)}")
-        if isinstance(report, str | bytes):
-            try:
-                report = json.loads(report)
-            except ValueError as exc:
-                return VerificationResult(
-                    (CheckResult.failed(rp.REPORT_FORMAT, f"not JSON: {exc}"),), policy.relax
-                )
-        if isinstance(report, AttestationReport):
-            parsed, fmt = report, CheckResult.passed(rp.REPORT_FORMAT, f"{report.signing_algo} node report")
-        else:
-            parsed_or_none, fmt = rp.parse_report(report)
-            if parsed_or_none is None:
-                return VerificationResult((fmt,), policy.relax)
-            parsed = parsed_or_none
-        expected_nonce = parsed.request_nonce if nonce is None else nonce
+        parsed, fmt = _parsed(report)
+        if parsed is None:
+            return VerificationResult((fmt,), policy.relax)
         if collateral is None and pccs_url:
             collateral = fetch_collateral(pccs_url, _raw(parsed.intel_quote))  # pragma: no cover - network
-        qc = check_quote(
-            parsed.intel_quote, policy, intel_root=self.intel_root, collateral=collateral, now=now
+        evidence = _Evidence(
+            parsed.request_nonce if nonce is None else nonce, model, collateral, now, nras_client
         )
-        checks = [fmt, rp.check_freshness(parsed, nonce), *qc.checks, rp.check_signing_key(parsed)]
-        claims = None
-        measured = None
+        checks = [fmt, rp.check_signing_algo(parsed, signing_algo), rp.check_freshness(parsed, nonce)]
+        primary = self._verify_node(parsed, policy, evidence)
+        checks += primary.checks
+        nodes = self._other_nodes(parsed, policy, evidence, primary)
+        checks.append(rp.summarize_nodes([(label, node_ok, why) for label, node_ok, why, _ in nodes[1:]]))
+        attested = {
+            **primary.attested,
+            "nonce": evidence.nonce.hex(),
+            "nodes": [
+                {"node": label, "ok": node_ok, "problem": why, **facts}
+                for label, node_ok, why, facts in nodes
+            ],
+        }
+        return VerificationResult(tuple(checks), policy.relax, primary.simulated, attested)
+
+    # -- one node ----------------------------------------------------------------------------
+
+    def _verify_node(self, node: AttestationReport, policy: VerificationPolicy, e: _Evidence) -> NodeResult:
+        qc = check_quote(
+            node.intel_quote, policy, intel_root=self.intel_root, collateral=e.collateral, now=e.now
+        )
+        checks = [*qc.checks, rp.check_signing_key(node)]
+        claims, measured = None, None
         if qc.quote is None:
-            checks.append(CheckResult.skipped(rp.REPORT_DATA, "quote did not parse"))
-            checks.append(CheckResult.skipped(ev.EVENT_LOG_REPLAY, "quote did not parse"))
+            checks += [
+                CheckResult.skipped(n, "quote did not parse") for n in (rp.REPORT_DATA, ev.EVENT_LOG_REPLAY)
+            ]
         else:
             td = qc.quote.td_report
-            checks.append(rp.check_report_data(parsed, td.report_data, expected_nonce))
-            events, replay = ev.check_event_log(parsed.event_log, td.rtmrs)
+            checks.append(rp.check_report_data(node, td.report_data, e.nonce))
+            events, replay = ev.check_event_log(node.event_log, td.rtmrs)
             checks.append(replay)
             if events is not None:
                 claims = ev.read_runtime_events(events)
-                measured = MeasuredValues(
-                    mrtd=td.mrtd.hex(), rtmr0=td.rtmr0.hex(), rtmr1=td.rtmr1.hex(), rtmr2=td.rtmr2.hex(),
-                    image_digest=str(claims.images[-1].get("image_digest")) if claims.images else None,
-                    compose_hash=claims.dstack.get("compose-hash"),
-                    os_image_hash=claims.dstack.get("os-image-hash"),
-                    models={str(m.get("model")): str(m.get("root")).lower() for m in claims.models},
-                )  # fmt: skip
-        checks += rp.check_runtime_claims(parsed, claims, model)
-        checks.append(_measurements(policy, measured))
-        gc = check_gpu(parsed.nvidia_payload, expected_nonce, policy, nvidia_root=self.nvidia_root)
+                checks.append(ev.check_runtime_events(claims))
+                measured = _measured(qc.quote, claims)
+            checks.append(rp.check_mrconfigid(claims, td.mrconfigid))
+        checks += rp.check_runtime_claims(node, claims, e.model)
+        checks.append(_measurements(policy, measured, claims))
+        gc = check_gpu(node.nvidia_payload, e.nonce, policy, nvidia_root=self.nvidia_root)
         checks += gc.checks
-        if nras_client is not None and parsed.nvidia_payload:
-            checks.append(check_nras(parsed.nvidia_payload, expected_nonce, nras_client))  # pragma: no cover
+        if e.nras_client is not None and node.nvidia_payload:
+            checks.append(check_nras(node.nvidia_payload, e.nonce, e.nras_client))  # pragma: no cover
         else:
             checks.append(
                 CheckResult.skipped("gpu_nras", "offline: NVIDIA's NRAS not asked (--nras)", required=False)
             )
         if self.nvidia_sdk is not None:
-            checks.append(_nvidia_sdk(self.nvidia_sdk, parsed.nvidia_payload, expected_nonce))
-        simulated = qc.simulated or gc.simulated
-        checks.append(rp.check_simulated(parsed.info, qc.simulated, gc.simulated, policy.simulated.allowed))
-        if not _nested:
-            checks.append(self._other_nodes(parsed, policy, expected_nonce, model, collateral, now))
-        report_data_ok = any(c.name == rp.REPORT_DATA and c.status is Status.PASS for c in checks)
+            checks.append(_nvidia_sdk(self.nvidia_sdk, node.nvidia_payload, e.nonce))
+        checks.append(rp.check_simulated(node.info, qc.simulated, gc.simulated, policy.simulated.allowed))
+        bound = any(c.name == rp.REPORT_DATA and c.status is Status.PASS for c in checks)
+        key_ok = any(c.name == rp.SIGNING_KEY and c.status is Status.PASS for c in checks)
+        ecdsa = node.signing_algo == "ecdsa"
         attested: dict[str, Any] = {
-            # Only what report_data bound: a caller matching signatures must use this, not the claim.
-            "signing_address": parsed.signing_address if report_data_ok else None,
-            "signing_algo": parsed.signing_algo,
-            "signing_public_key": parsed.signing_public_key.hex() if report_data_ok else None,
-            "nonce": expected_nonce.hex(),
-            "model": parsed.info.get("model"),
+            # Only what report_data bound (and keys derived from it): a caller that matches
+            # signatures must use these, never the report's other fields.
+            "signing_address": node.signing_address if bound and key_ok and ecdsa else None,
+            "signing_algo": node.signing_algo,
+            "signing_public_key": node.signing_public_key.hex() if bound and key_ok else None,
+            "model": node.info.get("model"),
             "tcb_status": qc.tcb_status,
             "gpus": list(gc.gpus),
         }
         if measured is not None:
-            attested["measured"] = {k: v for k, v in vars(measured).items() if v}
-        return VerificationResult(tuple(checks), policy.relax, simulated, attested)
+            attested["measured"] = measured.summary()
+        devices = tuple(getattr(gc, "devices", ()))
+        return NodeResult(tuple(checks), qc.simulated or gc.simulated, attested, devices)
 
     def _other_nodes(
-        self, parsed: AttestationReport, policy: VerificationPolicy, nonce: bytes,
-        model: str | None, collateral: Any, now: int | None,
-    ) -> CheckResult:  # fmt: skip
-        results = []
+        self, parsed: AttestationReport, policy: VerificationPolicy, e: _Evidence, primary: NodeResult
+    ) -> list[tuple[str, bool, str, dict[str, Any]]]:
+        """(label, ok, first problem, attested facts) for every node of all_attestations."""
+        blocking = VerificationResult(primary.checks, policy.relax).blocking
+        first = f"{blocking[0].name}: {blocking[0].detail}" if blocking else ""
+        out = [(f"this node ({parsed.signing_address})", not blocking, first, primary.attested)]
+        quotes = {parsed.intel_quote}
+        devices = set(primary.devices)
+        self_seen = False
         for index, node in enumerate(parsed.all_attestations):
-            if node.intel_quote == parsed.intel_quote:
-                continue  # this node itself
-            sub = self.verify_report(
-                node, policy, nonce=nonce, model=model, collateral=collateral, now=now, _nested=True
-            )
-            first = sub.blocking[0] if sub.blocking else None
-            label = f"node {index} ({node.signing_address})"
-            results.append((label, sub.ok, f"{first.name}: {first.detail}" if first else ""))
-        return rp.summarize_nodes(results)
+            if node.node_dict() == parsed.node_dict() and not self_seen:
+                self_seen = True  # the answering node lists itself; it was verified above
+                continue
+            label = f"all_attestations[{index}] ({node.signing_address})"
+            if node.intel_quote in quotes:
+                out.append((label, False, "reuses another node's quote: it is not a node of its own", {}))
+                continue
+            quotes.add(node.intel_quote)
+            result = self._verify_node(node, policy, e)
+            shared = devices & set(result.devices)
+            devices |= set(result.devices)
+            blocking = VerificationResult(result.checks, policy.relax).blocking
+            problem = f"{blocking[0].name}: {blocking[0].detail}" if blocking else ""
+            if shared and not problem:
+                problem = f"gpu_distinct: shares GPU(s) {', '.join(sorted(shared))} with another node"
+            out.append((label, not problem, problem, result.attested))
+        return out
 
 
-def _measurements(policy: VerificationPolicy, measured: MeasuredValues | None) -> CheckResult:
-    if measured is None:
+def _parsed(
+    report: AttestationReport | Mapping[str, Any] | str | bytes,
+) -> tuple[AttestationReport | None, CheckResult]:
+    if isinstance(report, AttestationReport):
+        return report, CheckResult.passed(rp.REPORT_FORMAT, f"{report.signing_algo} report")
+    if isinstance(report, str | bytes):
+        try:
+            report = json.loads(report)
+        except ValueError as exc:
+            return None, CheckResult.failed(rp.REPORT_FORMAT, f"not JSON: {exc}")
+    return rp.parse_report(report)
+
+
+def _tdx_values(quote: Quote) -> dict[str, str]:
+    td = quote.td_report
+    return {name: bytes(getattr(td, name)).hex() for name in TDX_FIELDS}
+
+
+def _measured(quote: Quote, claims: ev.RuntimeClaims) -> MeasuredValues:
+    def hex_of(name: str) -> str | None:
+        value = claims.platform.get(name)
+        return value.hex() if value is not None else None
+
+    image = claims.image.get("image_digest") if claims.image else None
+    return MeasuredValues(
+        tdx=_tdx_values(quote),
+        image_digest=str(image) if image is not None else None,
+        compose_hash=hex_of("compose-hash"),
+        os_image_hash=hex_of("os-image-hash"),
+        models={name: str(m.get("root")).lower() for name, m in claims.models.items()},
+    )
+
+
+def _measurements(
+    policy: VerificationPolicy, measured: MeasuredValues | None, claims: ev.RuntimeClaims | None
+) -> CheckResult:
+    if measured is None or claims is None:
         return CheckResult.skipped(MEASUREMENTS, "event log not verified: no measured values to compare")
+    if claims.problems:
+        return CheckResult.failed(
+            MEASUREMENTS, "RTMR3 breaks the event rules (runtime_events): its claims are not read"
+        )
     if policy.measurements is None:
-        shown = f"mrtd {measured.mrtd[:16]}…, image {measured.image_digest}, weights {dict(measured.models)}"
+        mrtd, image, weights = measured.tdx["mrtd"][:16], measured.image_digest, dict(measured.models)
+        shown = f"mrtd {mrtd}…, image {image}, weights {weights}"
         return CheckResult.skipped(
-            MEASUREMENTS, f"no expected-measurements file (--expect); measured {shown}", required=False
+            MEASUREMENTS,
+            f"no expected-measurements file (--expect): nothing says this is the software you expect "
+            f"({RELAXABLE[MEASUREMENTS]} accepts that); measured {shown}",
         )
     return policy.measurements.evaluate(measured)
 

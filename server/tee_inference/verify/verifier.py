@@ -98,6 +98,7 @@ class Verifier:
             if events is not None:
                 claims = ev.read_runtime_events(events)
                 checks.append(ev.check_runtime_events(claims))
+                checks.append(ev.describe_runtime_events(claims))
                 checks.append(rp.check_mrconfigid(claims, td.mrconfigid))
             attested.update(_tdx_values(qc.quote))
         return VerificationResult(tuple(checks), policy.relax, qc.simulated, attested)

@@ -3,9 +3,10 @@
     boot(config, roots) -> Services
       1. trust roots        `--tee tdx`: every root checked (TDX, a test quote, GPUs, key source);
                             any failure refuses the start, one line per failed check
-      2. signing key        derived from the key source (keys.py); never leaves the process
+      2. keys               signing keys and the body-encryption key derived from the key source
+                            (keys.py), the TLS key made or fetched (tls.py); none leaves the CVM
       3. model weights      measured, and refused unless they match the expected root
-      4. RTMR3              image, weights and signing key recorded as runtime events
+      4. RTMR3              image, weights and the keyset recorded as runtime events
       5. services           signer, store, metrics, attestation service (services.py)
 
 With `--tee simulated` the same steps run on simulated roots, marked as such everywhere. A vLLM
@@ -24,16 +25,16 @@ from typing import Any
 from tee_inference import __version__
 from tee_inference.attestation.eventlog import (
     EVENT_IMAGE,
+    EVENT_KEYSET,
     EVENT_MODEL_WEIGHTS,
-    EVENT_SIGNING_KEY,
     Event,
 )
 from tee_inference.config import ServerConfig
 from tee_inference.exceptions import ConfigError, KeySourceError, StartRefused, TrustRootError
-from tee_inference.keys import KeySource, derive_signer, make_key_source
+from tee_inference.keys import BootKeys, KeySource, make_key_source
 from tee_inference.services import Services
-from tee_inference.signing import CompletionSigner
 from tee_inference.tee import GpuProvider, JsonState, StartCheck, TdxProvider
+from tee_inference.tls import TlsService, tls_for_boot
 
 log = logging.getLogger("tee_inference.boot")
 
@@ -57,6 +58,7 @@ class BootState:
     weights_root: str | None
     tdx: JsonState
     gpu: JsonState
+    tls: JsonState | None = None
 
     def to_json(self) -> bytes:
         return json.dumps(
@@ -66,6 +68,7 @@ class BootState:
                 "weights_root": self.weights_root,
                 "tdx": self.tdx,
                 "gpu": self.gpu,
+                "tls": self.tls,
             },
             separators=(",", ":"),
         ).encode()
@@ -80,6 +83,7 @@ class BootState:
                 weights_root=obj["weights_root"],
                 tdx=dict(obj["tdx"]),
                 gpu=dict(obj["gpu"]),
+                tls=dict(obj["tls"]) if obj.get("tls") else None,
             )
         except (ValueError, KeyError, TypeError) as exc:
             raise TrustRootError(f"the boot handoff is malformed: {type(exc).__name__}") from None
@@ -166,21 +170,32 @@ def boot(
         if config.tee != "tdx":
             raise
         checks.append(StartCheck("key source", False, f"{source.name}: {exc}"))
+    tls: TlsService | None = None
+    if secret:
+        try:
+            tls = tls_for_boot(config, secret)
+        except TrustRootError as exc:
+            if config.tee != "tdx":
+                raise
+            checks.append(StartCheck("tls", False, str(exc)))
     failed = [f"{c.name}: {c.detail}" for c in checks if not c.ok]
     if failed:
         raise StartRefused(failed)
-    signer = derive_signer(secret, config.key_epoch)
+    keys = BootKeys.derive(secret, config.key_epoch, tls)
     weights_root = measure_weights(config)
-    record_boot_events(roots.tdx, config, signer, source.name, weights_root)
-    state = BootState(secret, source.name, weights_root, roots.tdx.state(), roots.gpu.state())
-    services = Services.assemble(config, roots.tdx, roots.gpu, signer, boot_info(config, roots, state))
+    record_boot_events(roots.tdx, config, keys, source.name, weights_root)
+    state = BootState(
+        secret, source.name, weights_root, roots.tdx.state(), roots.gpu.state(), tls.state() if tls else None
+    )
+    services = Services.assemble(config, roots.tdx, roots.gpu, keys, boot_info(config, roots, state))
     services.boot_state = state
     log.info(
-        "signing address %s, ed25519 key %s (key source %s, epoch %d, tee %s)",
-        signer.ecdsa.address,
-        signer.ed25519.public_key.hex(),
+        "signing address %s, ed25519 key %s, TLS %s (key source %s, epoch %d, tee %s)",
+        keys.signer.ecdsa.address,
+        keys.signer.ed25519.public_key.hex(),
+        f"SPKI sha256 {tls.spki_sha256.hex()}" if tls else "off",
         source.name,
-        signer.epoch,
+        config.key_epoch,
         config.tee,
     )
     return services
@@ -189,8 +204,9 @@ def boot(
 def resume(config: ServerConfig, state: BootState) -> Services:
     """The services of a boot another process of this CVM ran: no checks, no new events."""
     roots = make_trust_roots(config, state)
-    signer = derive_signer(state.root_secret, config.key_epoch)
-    return Services.assemble(config, roots.tdx, roots.gpu, signer, boot_info(config, roots, state))
+    tls = TlsService.resume(state.tls) if state.tls else None
+    keys = BootKeys.derive(state.root_secret, config.key_epoch, tls)
+    return Services.assemble(config, roots.tdx, roots.gpu, keys, boot_info(config, roots, state))
 
 
 def measure_weights(config: ServerConfig) -> str | None:
@@ -211,26 +227,18 @@ def measure_weights(config: ServerConfig) -> str | None:
 def record_boot_events(
     tdx: TdxProvider,
     config: ServerConfig,
-    signer: CompletionSigner,
+    keys: BootKeys,
     key_source: str,
     weights_root: str | None,
 ) -> None:
-    """Extend RTMR3 with what this boot runs: image, weights and the signing key."""
+    """Extend RTMR3 with what this boot runs: image, weights and every key (one keyset event)."""
 
     def emit(name: str, payload: dict[str, Any]) -> None:
         tdx.emit_event(name, json.dumps(payload, sort_keys=True, separators=(",", ":")).encode())
 
     emit(EVENT_IMAGE, {"image_digest": config.image_digest, "version": __version__})
     emit(EVENT_MODEL_WEIGHTS, {"model": ",".join(config.served_models), "root": weights_root})
-    emit(
-        EVENT_SIGNING_KEY,
-        {
-            "address": signer.ecdsa.address,
-            "ed25519_public_key": signer.ed25519.public_key.hex(),
-            "epoch": signer.epoch,
-            "key_source": key_source,
-        },
-    )
+    emit(EVENT_KEYSET, keys.keyset(key_source))
 
 
 def _version_of(distribution: str) -> str | None:

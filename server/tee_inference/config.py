@@ -41,6 +41,14 @@ class ServerConfig(BaseModel):
     model_weights_root: str | None = None
     # The container image this runs in, as the image build recorded it (reported and measured).
     image_digest: str | None = None
+    # TLS inside the serving process (tls.py): self-signed, files (CA-issued for our CSR), dstack, off.
+    tls: Literal["self-signed", "files", "dstack", "off"] = "off"
+    tls_names: tuple[str, ...] = ()  # DNS names / IPs for the certificate and CSR
+    tls_cert: Path | None = None  # files: the CA-issued chain, watched and reloaded
+    tls_key: Path | None = None  # files: a key made OUTSIDE the CVM; development only
+    tls_dir: Path | None = None  # where the key files go (a tmpfs); default $XDG_RUNTIME_DIR or /dev/shm
+    # --tee tdx with --tls off: prompts would cross the host in clear; only when asked loudly.
+    insecure_plaintext: bool = False
     # With tee=simulated: the app-compose file the simulated dstack platform launched (measured
     # into MRCONFIGID and RTMR3 as dstack does); None = a built-in placeholder.
     simulated_compose: Path | None = None
@@ -59,6 +67,15 @@ class ServerConfig(BaseModel):
             raise ValueError("key_source 'file' needs key_file")
         if self.tee == "tdx" and self.key_source == "file":
             raise ValueError("a key from a file is for development only and is refused with --tee tdx")
+        if self.tee == "tdx" and self.tls == "off" and not self.insecure_plaintext:
+            raise ValueError(
+                "--tee tdx serves TLS from inside the CVM; --tls off would send every prompt across the "
+                "host in clear and needs --insecure-plaintext"
+            )
+        if self.tls_key is not None and (self.tls != "files" or self.tls_cert is None):
+            raise ValueError("--tls-key goes with --tls files and --tls-cert")
+        if self.tls_key is not None and self.tee == "tdx":
+            raise ValueError("a TLS key from a file was made outside the CVM and is refused with --tee tdx")
         if self.tee == "tdx" and self.simulated_compose is not None:
             raise ValueError("--simulated-compose is for --tee simulated; on dstack the platform measures it")
         return self

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import os
 import secrets
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from tee_inference.exceptions import KeySourceError
@@ -21,11 +24,13 @@ from tee_inference.signing import SECP256K1_ORDER, CompletionSigner, EcdsaSigner
 
 if TYPE_CHECKING:
     from tee_inference.config import ServerConfig
+    from tee_inference.tls import TlsService
 
 _HKDF_SALT = b"tee-inference/signing-key/v1"
 # The dstack KMS path the root secret is asked under: part of the key's identity, so it has
 # exactly one default.
 DSTACK_KEY_PATH: Final = "tee-inference/signing-key"
+_P256_ORDER: Final = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
 
 
 class KeySource(Protocol):
@@ -100,6 +105,23 @@ def derive_signer(secret: bytes, epoch: int) -> CompletionSigner:
     return CompletionSigner(EcdsaSigner(candidate), Ed25519Signer(ed_seed), epoch)
 
 
+def derive_tls_key(secret: bytes, epoch: int) -> ec.EllipticCurvePrivateKey:
+    """This boot's P-256 TLS key: from the same root, under its own label, so a CA-issued
+    certificate for it stays valid across restarts when the key source is deterministic (dstack)."""
+    scalar = int.from_bytes(_hkdf64(secret, b"tls-p256/epoch=%d" % epoch), "big") % (_P256_ORDER - 1) + 1
+    return ec.derive_private_key(scalar, ec.SECP256R1())
+
+
+def derive_e2ee_key(secret: bytes, epoch: int) -> X25519PrivateKey:
+    """This boot's X25519 key for end-to-end encrypted bodies (HPKE), attested with the others."""
+    return X25519PrivateKey.from_private_bytes(_hkdf(secret, b"e2ee-x25519/epoch=%d" % epoch))
+
+
+def _hkdf64(secret: bytes, info: bytes) -> bytes:
+    # 64 bytes reduced modulo the order: the bias is below 2^-256, unlike 32 bytes for P-256.
+    return HKDF(algorithm=hashes.SHA256(), length=64, salt=_HKDF_SALT, info=info).derive(secret)
+
+
 def load_signer(source: KeySource, epoch: int) -> CompletionSigner:
     return derive_signer(source.root_secret(), epoch)
 
@@ -114,3 +136,38 @@ def make_key_source(config: ServerConfig) -> KeySource:
     from tee_inference.tee.dstack import DstackKeySource
 
     return DstackKeySource(config.dstack_socket, config.dstack_key_path)
+
+
+@dataclass
+class BootKeys:
+    """Every key this boot uses, as one set: signing (both algorithms), body encryption, TLS.
+
+    They are recorded together at boot as one RTMR3 keyset event, so a verifier ties each of them
+    to the quote whichever report_data layout a client asked for.
+    """
+
+    signer: CompletionSigner
+    e2ee: X25519PrivateKey = field(repr=False)
+    tls: TlsService | None = None
+
+    @classmethod
+    def derive(cls, secret: bytes, epoch: int, tls: TlsService | None) -> BootKeys:
+        return cls(derive_signer(secret, epoch), derive_e2ee_key(secret, epoch), tls)
+
+    @property
+    def e2ee_public_key(self) -> bytes:
+        from cryptography.hazmat.primitives import serialization
+
+        return self.e2ee.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+    def keyset(self, key_source: str) -> dict[str, Any]:
+        """The keyset event's payload: public parts only."""
+        return {
+            "address": self.signer.ecdsa.address,
+            "ed25519_public_key": self.signer.ed25519.public_key.hex(),
+            "e2ee_public_key": self.e2ee_public_key.hex(),
+            "tls_spki_sha256": self.tls.spki_sha256.hex() if self.tls else None,
+            "tls_mode": self.tls.mode if self.tls else "off",
+            "epoch": self.signer.epoch,
+            "key_source": key_source,
+        }

@@ -58,6 +58,8 @@ ROUTES: Final[tuple[routes.Route, ...]] = (
     routes.Route(routes.SIGNATURE_PREFIX, GET, routes.signature, "signature", prefix=True),
     routes.Route("/v1/attestation/report", GET, routes.attestation_report, "/v1/attestation/report"),
     routes.Route("/metrics", GET, routes.metrics, "/metrics"),
+    routes.Route("/v1/tls/csr", GET, routes.tls_csr, "/v1/tls/csr"),
+    routes.Route("/v1/tls/certificate", POST, routes.tls_certificate, "/v1/tls/certificate"),
     routes.Route("/version", GET, engine, "/version"),
     routes.Route("/health", frozenset({"GET", "HEAD"}), routes.health, "/health", public=True),
     # Modalities this server does not offer confidentially: refused, never forwarded.

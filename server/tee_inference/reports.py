@@ -20,9 +20,10 @@ import anyio
 import anyio.to_thread
 
 from tee_inference.attestation.report import AttestationReport
-from tee_inference.attestation.report_data import report_data_for
+from tee_inference.attestation.report_data import report_data_for, report_data_for_tls
 from tee_inference.exceptions import TeeInferenceError
-from tee_inference.signing import SIGNING_ALGOS, CompletionSigner, SigningAlgo
+from tee_inference.keys import BootKeys
+from tee_inference.signing import SIGNING_ALGOS, SigningAlgo
 from tee_inference.tee import GpuProvider, TdxProvider
 
 log = logging.getLogger("tee_inference.reports")
@@ -47,7 +48,7 @@ class AttestationService:
         *,
         tdx: TdxProvider,
         gpu: GpuProvider,
-        signer: CompletionSigner,
+        keys: BootKeys,
         info: dict[str, Any],
         server_nonce_ttl_s: float = 30.0,
         max_concurrent_collections: int = 4,
@@ -56,24 +57,32 @@ class AttestationService:
     ) -> None:
         self.tdx = tdx
         self.gpu = gpu
-        self.signer = signer
+        self.keys = keys
         self.info = info
         self.server_nonce_ttl_s = server_nonce_ttl_s
         self.max_pending = max_pending
         self._clock = clock
         self._limiter = anyio.CapacityLimiter(max_concurrent_collections)
-        self._flights: dict[tuple[bytes | None, SigningAlgo], _Flight] = {}
-        self._cached: dict[SigningAlgo, tuple[float, AttestationReport]] = {}
+        self._flights: dict[tuple[bytes | None, SigningAlgo, bool], _Flight] = {}
+        self._cached: dict[tuple[SigningAlgo, bool], tuple[float, AttestationReport]] = {}
 
-    async def report(self, nonce: bytes | None, algo: SigningAlgo) -> AttestationReport:
-        """The report for `nonce` (None: a server-chosen one, possibly a recent one)."""
+    async def report(
+        self, nonce: bytes | None, algo: SigningAlgo, *, tls_layout: bool = False
+    ) -> AttestationReport:
+        """The report for `nonce` (None: a server-chosen one, possibly a recent one).
+
+        ``tls_layout`` binds the TLS key into report_data as nearai's verifier expects:
+        ``sha256(key identity ‖ SPKI sha256) ‖ nonce`` (needs TLS to be on).
+        """
         if algo not in SIGNING_ALGOS:
             raise ValueError(f"signing_algo must be one of {', '.join(SIGNING_ALGOS)}")
+        if tls_layout and self.keys.tls is None:
+            raise ValueError("this server serves no TLS (--tls off): there is no fingerprint to include")
         if nonce is None:
-            cached = self._cached.get(algo)
+            cached = self._cached.get((algo, tls_layout))
             if cached is not None and self._clock() - cached[0] < self.server_nonce_ttl_s:
                 return cached[1]
-        key = (nonce, algo)
+        key = (nonce, algo, tls_layout)
         flight = self._flights.get(key)
         if flight is None:
             if len(self._flights) >= self.max_pending:
@@ -82,9 +91,9 @@ class AttestationService:
             self._flights[key] = flight
             try:
                 chosen = nonce if nonce is not None else secrets.token_bytes(32)
-                flight.result = await self._collect_in_thread(chosen, algo)
+                flight.result = await self._collect_in_thread(chosen, algo, tls_layout)
                 if nonce is None:
-                    self._cached[algo] = (self._clock(), flight.result)
+                    self._cached[(algo, tls_layout)] = (self._clock(), flight.result)
             except Exception as exc:
                 flight.error = exc
                 raise
@@ -98,26 +107,33 @@ class AttestationService:
         assert flight.result is not None
         return flight.result
 
-    async def _collect_in_thread(self, nonce: bytes, algo: SigningAlgo) -> AttestationReport:
+    async def _collect_in_thread(
+        self, nonce: bytes, algo: SigningAlgo, tls_layout: bool
+    ) -> AttestationReport:
         async with self._limiter:
-            return await anyio.to_thread.run_sync(self.collect, nonce, algo)
+            return await anyio.to_thread.run_sync(self.collect, nonce, algo, tls_layout)
 
-    def collect(self, nonce: bytes, algo: SigningAlgo) -> AttestationReport:
+    def collect(self, nonce: bytes, algo: SigningAlgo, tls_layout: bool = False) -> AttestationReport:
         """One report, collected synchronously (blocking calls to the providers)."""
         if len(nonce) != 32:
             raise ValueError("the nonce is 32 bytes")
         started = time.perf_counter()
+        signer, tls = self.keys.signer, self.keys.tls
         if algo == "ecdsa":
-            public_key = self.signer.ecdsa.public_key
-            report_data = report_data_for("ecdsa", bytes.fromhex(self.signer.ecdsa.address[2:]), nonce)
+            public_key = signer.ecdsa.public_key
+            identity = bytes.fromhex(signer.ecdsa.address[2:])
         else:
-            public_key = self.signer.ed25519.public_key
-            report_data = report_data_for("ed25519", public_key, nonce)
+            public_key = identity = signer.ed25519.public_key
+        spki = tls.spki_sha256 if tls is not None else None
+        if tls_layout and spki is not None:
+            report_data = report_data_for_tls(identity, spki, nonce)
+        else:
+            report_data = report_data_for(algo, identity, nonce)
         quote = self.tdx.get_quote(report_data)
         events = self.tdx.event_log()
         gpu_payload = self.gpu.evidence(nonce)
         report = AttestationReport(
-            signing_address=self.signer.ecdsa.address,
+            signing_address=signer.ecdsa.address,
             signing_algo=algo,
             signing_public_key=public_key,
             request_nonce=nonce,
@@ -125,6 +141,7 @@ class AttestationService:
             nvidia_payload=gpu_payload.to_json(),
             event_log=[event.to_dict() for event in events],
             info=self.info,
+            tls_cert_fingerprint=spki.hex() if spki is not None else None,
         )
         log.info("attestation report collected in %.3f s", time.perf_counter() - started)
         return report

@@ -17,7 +17,7 @@ from urllib.parse import parse_qs
 
 from tee_inference.asgi import ASGIApp, Receive, Scope, Send
 from tee_inference.envelope import normalize_error_body, send_error, send_json
-from tee_inference.exceptions import TrustRootError
+from tee_inference.exceptions import ConfigError, TrustRootError
 from tee_inference.reports import ReportBusy, parse_nonce
 from tee_inference.services import Services
 from tee_inference.signing import SIGNING_ALGOS, parse_signing_algo
@@ -115,10 +115,22 @@ async def attestation_report(req: Request) -> None:
     if algo is None:
         await send_error(req.send, 400, _ALGO_MESSAGE, param="signing_algo")
         return
+    tls_flag = params.get("include_tls_fingerprint", "false").lower()
+    if tls_flag not in ("true", "false"):
+        await send_error(
+            req.send, 400, "include_tls_fingerprint must be true or false", param="include_tls_fingerprint"
+        )
+        return
+    if tls_flag == "true" and req.services.keys.tls is None:
+        await send_error(
+            req.send, 400, "this server serves no TLS (--tls off): no fingerprint to include",
+            param="include_tls_fingerprint", code="tls_off",
+        )  # fmt: skip
+        return
     if not await check_model_param(req):
         return
     try:
-        report = await req.services.attestation.report(nonce, algo)
+        report = await req.services.attestation.report(nonce, algo, tls_layout=tls_flag == "true")
     except ReportBusy as exc:
         await send_error(req.send, 503, str(exc), code="busy", extra_headers=[(b"retry-after", b"1")])
         return
@@ -176,3 +188,51 @@ async def _send_body(send: Send, status: int, content_type: bytes, body: bytes) 
     headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode("ascii"))]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def tls_csr(req: Request) -> None:
+    """The CSR for this boot's TLS key (--tls files): take it to a CA; the key never moves."""
+    tls = req.services.keys.tls
+    if tls is None or tls.csr_pem is None:
+        await send_error(
+            req.send, 404, "no certificate request: the server is not in --tls files mode", code="no_csr"
+        )
+        return
+    await _send_body(req.send, 200, b"application/pkcs10; charset=us-ascii", tls.csr_pem)
+
+
+async def tls_certificate(req: Request) -> None:
+    """Install the CA's chain for this server's key (--tls files); new connections present it."""
+    tls = req.services.keys.tls
+    if tls is None or tls.csr_pem is None:
+        await send_error(req.send, 404, "certificates are installed only in --tls files mode", code="no_csr")
+        return
+    body = await read_small_body(req.receive, 256 << 10)
+    if body is None:
+        await send_error(req.send, 413, "a certificate chain is at most 256 KiB")
+        return
+    try:
+        tls.install(body)
+    except ConfigError as exc:
+        await send_error(req.send, 400, str(exc), code="certificate_refused")
+        return
+    fingerprint = tls.spki_sha256.hex()
+    await send_json(
+        req.send, 200, json.dumps({"installed": True, "tls_cert_fingerprint": fingerprint}).encode()
+    )
+
+
+async def read_small_body(receive: Receive, limit: int) -> bytes | None:
+    """A whole request body of at most ``limit`` bytes (None when larger or the client left)."""
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunk: bytes = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)

@@ -15,8 +15,10 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import ssl
 import sys
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import FrameType
 
@@ -38,6 +40,7 @@ from tee_inference.engines.vllm import (
 from tee_inference.handoff import HandoffServer
 from tee_inference.middleware import SigningMiddleware
 from tee_inference.services import Services
+from tee_inference.tls import CIPHERS, CertificateWatcher, TlsService
 
 log = logging.getLogger("tee_inference")
 
@@ -73,21 +76,34 @@ def build_app(options: ServeOptions, services: Services) -> ASGIApp:
     return SigningMiddleware(inner, services=services)
 
 
-def _signing_address(base_url: str, api_key_env: str | None) -> str:
+def _signing_address(base_url: str, api_key_env: str | None, verify: ssl.SSLContext | bool) -> str:
     """The serving process's address, as its own attestation report states it."""
     headers = {"authorization": f"Bearer {os.environ[api_key_env]}"} if api_key_env else {}
     try:
-        report = httpx.get(f"{base_url}/v1/attestation/report", headers=headers, timeout=60).json()
+        report = httpx.get(
+            f"{base_url}/v1/attestation/report", headers=headers, timeout=60, verify=verify
+        ).json()
         return str(report["signing_address"])
     except (httpx.HTTPError, ValueError, KeyError):
         return "(see /v1/attestation/report)"
 
 
-def usage_banner(base_url: str, model: str, api_key_env: str | None, signing_address: str) -> str:
+def usage_banner(
+    base_url: str, model: str, api_key_env: str | None, signing_address: str, tls: TlsService | None = None
+) -> str:
     auth = f' -H "Authorization: Bearer ${api_key_env}"' if api_key_env else ""
+    pinned = ""
+    if tls is not None:
+        # curl cannot pin an SPKI hash on its own: -k plus the fingerprint a client checks against
+        # the attestation (tee-inference verify url / tee_inference.client do it for you).
+        auth += " -k"
+        pinned = (
+            f"  TLS {tls.mode}, certificate SPKI sha256 {tls.spki_sha256.hex()} (bound in every report)\n"
+        )
     return (
         f"\ntee-inference is serving {model!r} at {base_url}\n"
         f"  signing address {signing_address}\n"
+        f"{pinned}"
         f"  curl -s {base_url}/v1/chat/completions{auth} -H 'content-type: application/json' \\\n"
         f'    -d \'{{"model": "{model}", "temperature": 0, "max_tokens": 32, '
         f'"messages": [{{"role": "user", "content": "What is the capital of France?"}}]}}\' -i\n'
@@ -95,10 +111,47 @@ def usage_banner(base_url: str, model: str, api_key_env: str | None, signing_add
     )
 
 
-def _run_uvicorn(app: ASGIApp, host: str, port: int) -> int:
-    config = uvicorn.Config(app, host=host, port=port, lifespan="on", server_header=False, log_level="info")
+def _run_uvicorn(app: ASGIApp, host: str, port: int, tls: TlsService | None = None) -> int:
+    factory = None
+    if tls is not None:
+
+        def factory(config: uvicorn.Config, default: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
+            return tls.serve_context()
+
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        lifespan="on",
+        server_header=False,
+        log_level="info",
+        ssl_context_factory=factory,
+    )
     uvicorn.Server(config).run()
     return 0
+
+
+def _local_verify(tls: TlsService | None) -> ssl.SSLContext | bool:
+    """How the launcher talks to its own child: pinned to the chain it just wrote, never unchecked."""
+    if tls is None:
+        return True
+    context = ssl.create_default_context(cadata=tls.state()["chain"])
+    context.check_hostname = False  # loopback by address; the certificate itself is what is pinned
+    context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+    return context
+
+
+def _start_tls(config: ServerConfig, services: Services) -> TlsService | None:
+    """Write this boot's TLS files to a RAM file system and watch --tls-cert for a renewed chain."""
+    tls = services.keys.tls
+    if tls is None:
+        return None
+    tls.write_files(config.tls_dir, require_ram=config.tee == "tdx")
+    if config.tls == "files" and config.tls_cert is not None:
+        CertificateWatcher(tls, config.tls_cert).start()
+    if services.boot_state is not None:
+        services.boot_state = replace(services.boot_state, tls=tls.state())
+    return tls
 
 
 def serve(options: ServeOptions) -> int:
@@ -108,15 +161,23 @@ def serve(options: ServeOptions) -> int:
     if options.engine == "vllm" and options.upstream is None:
         return _serve_vllm(options, base_url)
     services = boot(options.config)
-    app = build_app(options, services)
-    address = services.signer.ecdsa.address
-    print(usage_banner(base_url, options.served_model_name, options.config.api_key_env, address), flush=True)
-    return _run_uvicorn(app, options.host, options.port)
+    tls = _start_tls(options.config, services)
+    try:
+        app = build_app(options, services)
+        address = services.signer.ecdsa.address
+        url = base_url.replace("http://", "https://") if tls else base_url
+        banner = usage_banner(url, options.served_model_name, options.config.api_key_env, address, tls)
+        print(banner, flush=True)
+        return _run_uvicorn(app, options.host, options.port, tls)
+    finally:
+        if tls is not None:
+            tls.close()
 
 
 def _serve_vllm(options: ServeOptions, base_url: str) -> int:
     config = options.config.model_copy(update={"served_models": (options.served_model_name,)})
     services = boot(config)
+    tls = _start_tls(config, services)
     assert services.boot_state is not None  # set by boot()
     in_process = not options.proxy
     handoff = HandoffServer(services.boot_state).start() if in_process else None
@@ -133,6 +194,8 @@ def _serve_vllm(options: ServeOptions, base_url: str) -> int:
             port=port,
             in_process_signing=in_process,
             extra_args=options.engine_args,
+            tls_files=(tls.files.key_path, tls.files.cert_path) if tls and tls.files and in_process else None,
+            tls_ciphers=CIPHERS,
         ),
         env,
     )
@@ -145,22 +208,30 @@ def _serve_vllm(options: ServeOptions, base_url: str) -> int:
     signal.signal(signal.SIGTERM, stop)
     child.start()
     try:
-        elapsed = child.wait_healthy(f"http://127.0.0.1:{port}/health", options.start_timeout_s)
+        scheme = "https" if tls and in_process else "http"
+        verify = _local_verify(tls if in_process else None)
+        elapsed = child.wait_healthy(
+            f"{scheme}://127.0.0.1:{port}/health", options.start_timeout_s, verify=verify
+        )
         log.info("vLLM healthy after %.1f s", elapsed)
         if in_process:
-            address = _signing_address(f"http://127.0.0.1:{port}", config.api_key_env)
-            print(usage_banner(base_url, options.served_model_name, config.api_key_env, address), flush=True)
+            address = _signing_address(f"{scheme}://127.0.0.1:{port}", config.api_key_env, verify)
+            url = base_url.replace("http://", f"{scheme}://")
+            print(usage_banner(url, options.served_model_name, config.api_key_env, address, tls), flush=True)
             return child.wait()
         app = build_app(
             ServeOptions(**{**options.__dict__, "upstream": f"http://127.0.0.1:{port}", "config": config}),
             services,
         )
         address = services.signer.ecdsa.address
-        print(usage_banner(base_url, options.served_model_name, config.api_key_env, address), flush=True)
-        return _run_uvicorn(app, options.host, options.port)
+        url = base_url.replace("http://", "https://") if tls else base_url
+        print(usage_banner(url, options.served_model_name, config.api_key_env, address, tls), flush=True)
+        return _run_uvicorn(app, options.host, options.port, tls)
     except KeyboardInterrupt:
         return 130
     finally:
         child.stop()
         if handoff is not None:
             handoff.close()
+        if tls is not None:
+            tls.close()

@@ -16,6 +16,7 @@ from pydantic import SecretStr
 
 from tee_inference.asgi import ASGIApp, Scope
 from tee_inference.config import ServerConfig
+from tee_inference.keys import BootKeys
 from tee_inference.metrics import ServingMetrics
 from tee_inference.reports import AttestationService
 from tee_inference.signing import CompletionSigner
@@ -65,7 +66,7 @@ class ServedModels:
 @dataclass
 class Services:
     config: ServerConfig
-    signer: CompletionSigner
+    keys: BootKeys
     store: SignatureStore
     metrics: ServingMetrics
     models: ServedModels
@@ -81,7 +82,7 @@ class Services:
         config: ServerConfig,
         tdx: TdxProvider,
         gpu: GpuProvider,
-        signer: CompletionSigner,
+        keys: BootKeys,
         info: dict[str, Any],
     ) -> Services:
         metrics = ServingMetrics()
@@ -93,11 +94,11 @@ class Services:
         )
         metrics.store_entries.set_function(lambda: len(store))
         attestation = AttestationService(
-            tdx=tdx, gpu=gpu, signer=signer, info=info, server_nonce_ttl_s=config.report_cache_ttl_s
+            tdx=tdx, gpu=gpu, keys=keys, info=info, server_nonce_ttl_s=config.report_cache_ttl_s
         )
         return cls(
             config=config,
-            signer=signer,
+            keys=keys,
             store=store,
             metrics=metrics,
             models=ServedModels(config.served_models),
@@ -105,6 +106,10 @@ class Services:
             info=info,
             api_key=config.api_key(),
         )
+
+    @property
+    def signer(self) -> CompletionSigner:
+        return self.keys.signer
 
     def model_info(self) -> dict[str, object]:
         """What /v1/models adds to each served model."""

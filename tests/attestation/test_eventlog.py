@@ -13,8 +13,8 @@ import pytest
 from tee_inference.attestation.eventlog import (
     DSTACK_RUNTIME_EVENT_TYPE,
     EVENT_IMAGE,
+    EVENT_KEYSET,
     EVENT_MODEL_WEIGHTS,
-    EVENT_SIGNING_KEY,
     Event,
     EventLog,
     EventLogError,
@@ -232,7 +232,7 @@ def test_describe_dstack_events(dstack: Any) -> None:
 def test_describe_our_events() -> None:
     image = Event(3, DSTACK_RUNTIME_EVENT_TYPE, bytes(48), EVENT_IMAGE, b'{"digest": "sha256:abc"}')
     assert describe_event(image) == "tee-inference image: digest=sha256:abc"
-    key = Event(3, DSTACK_RUNTIME_EVENT_TYPE, bytes(48), EVENT_SIGNING_KEY, b"not json")
-    assert describe_event(key).startswith("tee-inference signing key: unreadable payload")
+    key = Event(3, DSTACK_RUNTIME_EVENT_TYPE, bytes(48), EVENT_KEYSET, b"not json")
+    assert describe_event(key).startswith("tee-inference keyset: unreadable payload")
     unknown = Event(3, 0x12345678, bytes(48), "other", b"\x00\x01")
     assert describe_event(unknown) == "RTMR3 'other' event type 0x12345678, 2-byte payload"

@@ -1,7 +1,7 @@
 """A fake dstack guest agent: a real HTTP/1.1 server (uvicorn) on a Unix socket, same protocol.
 
 Routes and fields follow Dstack-TEE/dstack guest-agent/rpc/proto/agent_rpc.proto and
-sdk/curl/api.md: POST ``/GetQuote``, ``/GetKey``, ``/Info``, ``/EmitEvent`` (and the legacy
+sdk/curl/api.md: POST ``/GetQuote``, ``/GetKey``, ``/GetTlsKey``, ``/Info``, ``/EmitEvent`` (and the legacy
 ``/prpc/Tappd.TdxQuote``, ``/prpc/Tappd.DeriveK256Key``, ``/prpc/Tappd.Info``), JSON bodies with
 bytes as hex. Behind it, a simulated machine: SimulatedQuoteSigner quotes whose RTMRs are the
 replay of its event log, and EmitEvent extends its RTMR3 with dstack's digest convention.
@@ -15,9 +15,14 @@ import hmac
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -39,11 +44,28 @@ class FakeDstackAgent:
         for name, payload in (("system-preparing", b""), ("app-id", bytes(20)), ("system-ready", b"")):
             self.log.append_runtime_event(name, payload)
         self.fail_next: tuple[int, bytes] | None = None
+        self.app_ca_key = ec.generate_private_key(ec.SECP256R1())
+        self.app_ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fake dstack app CA")])
+        now = datetime.now(UTC)
+        self.app_ca_pem = (
+            x509.CertificateBuilder()
+            .subject_name(self.app_ca_name)
+            .issuer_name(self.app_ca_name)
+            .public_key(self.app_ca_key.public_key())
+            .serial_number(1)
+            .not_valid_before(now - timedelta(days=1))
+            .not_valid_after(now + timedelta(days=3650))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .sign(self.app_ca_key, hashes.SHA256())
+            .public_bytes(serialization.Encoding.PEM)
+            .decode()
+        )
         self.requests: list[tuple[str, dict[str, Any]]] = []
         self.app = Starlette(
             routes=[
                 Route("/GetQuote", self._get_quote, methods=["POST"]),
                 Route("/GetKey", self._get_key, methods=["POST"]),
+                Route("/GetTlsKey", self._get_tls_key, methods=["POST"]),
                 Route("/Info", self._info, methods=["POST", "GET"]),
                 Route("/EmitEvent", self._emit_event, methods=["POST"]),
                 Route("/prpc/Tappd.TdxQuote", self._tappd_quote, methods=["POST"]),
@@ -103,6 +125,35 @@ class FakeDstackAgent:
         key = self.key_for(body.get("path", ""), body.get("purpose", ""))
         return JSONResponse(
             {"key": key.hex(), "signature_chain": [hashlib.sha256(key).hexdigest(), "00" * 65]}
+        )
+
+    async def _get_tls_key(self, request: Request) -> Response:
+        """A fresh P-256 key per call, certified by the app CA (as the agent does)."""
+        body = await self._body(request)
+        if isinstance(body, Response):
+            return body
+        key = ec.generate_private_key(ec.SECP256R1())
+        names = [str(n) for n in body.get("alt_names", [])]
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, str(body.get("subject") or "app"))])
+        now = datetime.now(UTC)
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(self.app_ca_name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(minutes=1))
+            .not_valid_after(now + timedelta(days=365))
+        )
+        if names:
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), False
+            )
+        leaf = builder.sign(self.app_ca_key, hashes.SHA256())
+        pem = serialization.Encoding.PEM
+        key_pem = key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        return JSONResponse(
+            {"key": key_pem.decode(), "certificate_chain": [leaf.public_bytes(pem).decode(), self.app_ca_pem]}
         )
 
     async def _tappd_key(self, request: Request) -> Response:

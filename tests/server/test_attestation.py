@@ -17,8 +17,8 @@ import pytest
 
 from support.servers import running
 from tee_inference.attestation.eventlog import (
+    EVENT_KEYSET,
     EVENT_MODEL_WEIGHTS,
-    EVENT_SIGNING_KEY,
     Event,
     load_event_log,
     replay,
@@ -85,7 +85,7 @@ def test_event_log_records_key_and_weights(served: tuple[str, Services]) -> None
     url, services = served
     report = httpx.get(url + "/v1/attestation/report").json()
     events = {e.event: e for e in load_event_log(report["event_log"]) if e.imr == 3}
-    key_event = json.loads(events[EVENT_SIGNING_KEY].event_payload)
+    key_event = json.loads(events[EVENT_KEYSET].event_payload)
     assert key_event["address"] == services.signer.ecdsa.address
     assert key_event["ed25519_public_key"] == services.signer.ed25519.public_key.hex()
     assert EVENT_MODEL_WEIGHTS in events
@@ -131,7 +131,7 @@ class _CountingTdx(SimulatedTdxProvider):
 
 def _service(tdx: SimulatedTdxProvider, **kwargs: Any) -> AttestationService:
     services = boot(ServerConfig.build(served_models=(MODEL,)))
-    return AttestationService(tdx=tdx, gpu=SimulatedGpuProvider(), signer=services.signer, info={}, **kwargs)
+    return AttestationService(tdx=tdx, gpu=SimulatedGpuProvider(), keys=services.keys, info={}, **kwargs)
 
 
 def test_concurrent_identical_requests_share_one_collection() -> None:

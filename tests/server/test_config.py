@@ -23,8 +23,16 @@ _hex32 = st.binary(min_size=32, max_size=32).map(bytes.hex)
 def configs(draw: st.DrawFn) -> ServerConfig:
     tee = draw(st.sampled_from(["simulated", "tdx"]))
     key_source = draw(st.sampled_from(["random", "dstack"] + (["file"] if tee == "simulated" else [])))
+    tls = draw(st.sampled_from(["self-signed", "files", "dstack", "off"]))
+    tls_cert = draw(_paths) if tls == "files" and tee == "simulated" else draw(st.none() | _paths)
     return ServerConfig.build(
         tee=tee,
+        tls=tls,
+        tls_names=draw(st.none() | st.lists(_names, max_size=3).map(tuple)),
+        tls_cert=tls_cert,
+        tls_key=draw(st.none() | _paths) if tls == "files" and tee == "simulated" else None,
+        tls_dir=draw(st.none() | _paths),
+        insecure_plaintext=True if (tee == "tdx" and tls == "off") else draw(st.none() | st.booleans()),
         key_source=key_source,
         key_file=draw(_paths) if key_source == "file" else draw(st.none() | _paths),
         key_epoch=draw(st.integers(0, 2**31)),

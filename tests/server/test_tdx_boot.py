@@ -14,7 +14,7 @@ import pytest
 from fakes.configfs_tsm import FakeConfigfsTsm
 from fakes.nvml import FakeGpu, FakeNvml
 from fakes.tdx_guest import FakeTdxGuestDevice
-from tee_inference.attestation.eventlog import EVENT_MODEL_WEIGHTS, EVENT_SIGNING_KEY, load_event_log, replay
+from tee_inference.attestation.eventlog import EVENT_KEYSET, EVENT_MODEL_WEIGHTS, load_event_log, replay
 from tee_inference.attestation.nvidia_simulated import SimulatedGpu
 from tee_inference.attestation.tdx_quote import parse_quote
 from tee_inference.boot import StartRefused, TrustRoots, boot
@@ -47,7 +47,9 @@ def host(tmp_path: Path) -> dict:
 
 
 def _config(host: dict, **extra: object) -> ServerConfig:
-    return ServerConfig.build(tee="tdx", served_models=(MODEL,), model_dir=host["model"], **extra)
+    return ServerConfig.build(
+        tee="tdx", tls="self-signed", served_models=(MODEL,), model_dir=host["model"], **extra
+    )
 
 
 def test_tdx_boot_extends_rtmr3_and_reports(host: dict) -> None:
@@ -64,7 +66,7 @@ def test_tdx_boot_extends_rtmr3_and_reports(host: dict) -> None:
     assert replay(events)[3] == host["device"].rtmrs[3]
     names = {e.event: json.loads(e.event_payload) for e in events if e.imr == 3}
     assert names[EVENT_MODEL_WEIGHTS]["root"] == root
-    assert names[EVENT_SIGNING_KEY]["address"] == services.signer.ecdsa.address
+    assert names[EVENT_KEYSET]["address"] == services.signer.ecdsa.address
     assert report["info"]["simulated"] is False
     assert report["info"]["tdx_provider"] == host["roots"].tdx.name
     assert json.loads(report["nvidia_payload"])["nonce"] == nonce.hex()

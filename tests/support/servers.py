@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -21,12 +22,25 @@ def free_port() -> int:
 
 
 @contextmanager
-def running(app: ASGIApp, *, uds: Path | None = None, lifespan: str = "on") -> Iterator[str]:
-    """Serve `app` with uvicorn on a free loopback port (or a Unix socket); yields its URL."""
+def running(
+    app: ASGIApp, *, uds: Path | None = None, lifespan: str = "on", ssl_context: ssl.SSLContext | None = None
+) -> Iterator[str]:
+    """Serve `app` with uvicorn on a free loopback port (or a Unix socket); yields its URL.
+
+    With ``ssl_context`` it serves TLS (the server's own context, as `serve --tls` builds it).
+    """
     if uds is None:
         port = free_port()
-        config = uvicorn.Config(app, host="127.0.0.1", port=port, lifespan=lifespan, log_level="warning")
-        url = f"http://127.0.0.1:{port}"
+        factory = (lambda config, default: ssl_context) if ssl_context is not None else None
+        config = uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=port,
+            lifespan=lifespan,
+            log_level="warning",
+            ssl_context_factory=factory,
+        )
+        url = f"{'https' if ssl_context else 'http'}://127.0.0.1:{port}"
     else:
         config = uvicorn.Config(app, uds=str(uds), lifespan=lifespan, log_level="warning")
         url = f"unix:{uds}"

@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from tee_inference.attestation.eventlog import EVENT_IMAGE, EVENT_MODEL_WEIGHTS, EVENT_SIGNING_KEY, EventLog
+from tee_inference.attestation.eventlog import EVENT_IMAGE, EVENT_KEYSET, EVENT_MODEL_WEIGHTS, EventLog
 from tee_inference.attestation.nvidia_simulated import SimulatedGpu
 from tee_inference.attestation.report_data import report_data_for_ecdsa, report_data_for_ed25519
 from tee_inference.attestation.simulated_platform import (
@@ -62,7 +62,7 @@ class SimulatedNode:
         self.log.append_runtime_event(
             EVENT_MODEL_WEIGHTS, _json({"model": self.model, "root": self.weights_root})
         )
-        self.log.append_runtime_event(EVENT_SIGNING_KEY, _json({
+        self.log.append_runtime_event(EVENT_KEYSET, _json({
             "address": self.signer.ecdsa.address,
             "ed25519_public_key": self.signer.ed25519.public_key.hex(),
             "epoch": self.key_epoch,

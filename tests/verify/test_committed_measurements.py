@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 
-import httpx
-
 from support.paths import REPO
 from support.servers import running
 from tee_inference.boot import boot
@@ -32,12 +30,22 @@ def test_make_run_stack_verifies_against_the_committed_file() -> None:
         model_weights_root=committed["models"][MODEL]["weights_root"],
         image_digest=committed["image_digest"][0],
         simulated_compose=REPO / "image" / "app-compose.json",
+        tls="self-signed",
     )
     policy = VerificationPolicy.build(expected=[load_expected_measurements(EXPECTED)], allow_simulated=True)
-    with running(SigningMiddleware(FakeEngine(MODEL), services=boot(config))) as url:
-        with httpx.Client(base_url=url, timeout=30) as client:
-            result = verify_url(url, MODEL, policy, verifier=Verifier.production(), client=client)
+    services = boot(config)
+    tls = services.keys.tls
+    assert tls is not None
+    tls.write_files(None, require_ram=False)
+    try:
+        with running(
+            SigningMiddleware(FakeEngine(MODEL), services=services), ssl_context=tls.serve_context()
+        ) as url:
+            result = verify_url(url, MODEL, policy, verifier=Verifier.production())
+    finally:
+        tls.close()
     assert result.ok, [(c.name, c.detail) for c in result.blocking]
+    assert result.check("tls_binding").status.value == "pass"
     measured = result.check("measurements").detail
     for field in (
         "mrtd ok",

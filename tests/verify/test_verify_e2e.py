@@ -42,6 +42,10 @@ def _failed(output: dict) -> list[str]:
 def test_verify_url_accepts_simulated_only_when_allowed(url: str, tmp_path: Path) -> None:
     expected = _expect(tmp_path, FakeEngine.weights_root())
     code, out = _verify("url", url, "--model", MODEL, "--allow-simulated", "--expect", str(expected))
+    assert code == 1 and _failed(out) == ["tls_binding"]  # plain http is refused outright
+    code, out = _verify(
+        "url", url, "--model", MODEL, "--allow-simulated", "--expect", str(expected), "--allow-plaintext"
+    )
     assert code == 0, _failed(out)
     assert out["ok"] is True
     names = {c["name"]: c["status"] for c in out["checks"]}
@@ -54,7 +58,7 @@ def test_verify_url_accepts_simulated_only_when_allowed(url: str, tmp_path: Path
         "signature",
     ):
         assert names[required] == "pass"
-    code, out = _verify("url", url, "--model", MODEL, "--expect", str(expected))
+    code, out = _verify("url", url, "--model", MODEL, "--expect", str(expected), "--allow-plaintext")
     assert code == 1
     assert out["ok"] is False
     assert "quote_signature" in _failed(out)

@@ -87,7 +87,7 @@ def test_swapped_signing_address_is_caught(node: SimulatedNode, verifier: Verifi
     report["signing_public_key"] = other.signer.ecdsa.public_key.hex()
     failed = _failed(verifier.verify_report(report, ALLOW, nonce=NONCE))
     assert "report_data" in failed
-    assert "RTMR3 measured key" in failed["signing_key_event"]
+    assert "RTMR3 measured key" in failed["keyset_event"]
 
 
 @pytest.mark.parametrize(

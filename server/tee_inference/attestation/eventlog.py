@@ -25,8 +25,8 @@ DSTACK_RUNTIME_EVENT_TYPE: Final = 0x08000001
 EVENT_PREFIX: Final = "tee-inference:"
 EVENT_IMAGE: Final = "tee-inference:image"
 EVENT_MODEL_WEIGHTS: Final = "tee-inference:model-weights"
-EVENT_SIGNING_KEY: Final = "tee-inference:signing-key"
-OUR_EVENTS: Final = frozenset({EVENT_IMAGE, EVENT_MODEL_WEIGHTS, EVENT_SIGNING_KEY})
+EVENT_KEYSET: Final = "tee-inference:keyset"
+OUR_EVENTS: Final = frozenset({EVENT_IMAGE, EVENT_MODEL_WEIGHTS, EVENT_KEYSET})
 
 # dstack's OS ends its own RTMR3 measurements with this event; anything after it was emitted by
 # the application (dstack's EmitEvent), so platform claims count only before it.
@@ -287,8 +287,8 @@ def _clip(text: str, limit: int = 72) -> str:
 def describe_event(event: Event) -> str:
     """A short line for people: what this event measured."""
     name = event.event
-    if name in (EVENT_IMAGE, EVENT_MODEL_WEIGHTS, EVENT_SIGNING_KEY):
-        what = {EVENT_IMAGE: "image", EVENT_MODEL_WEIGHTS: "model weights", EVENT_SIGNING_KEY: "signing key"}
+    if name in (EVENT_IMAGE, EVENT_MODEL_WEIGHTS, EVENT_KEYSET):
+        what = {EVENT_IMAGE: "image", EVENT_MODEL_WEIGHTS: "model weights", EVENT_KEYSET: "keyset"}
         return f"tee-inference {what[name]}: {_describe_json(event.event_payload)}"
     if name in _DSTACK_MARKERS:
         return f"dstack {_DSTACK_MARKERS[name]}"

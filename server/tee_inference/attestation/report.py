@@ -3,6 +3,7 @@
     {"signing_address": "0x…", "signing_algo": "ecdsa", "signing_public_key": hex,
      "request_nonce": hex(32), "intel_quote": hex, "nvidia_payload": "<JSON string>",
      "event_log": [{imr, event_type, digest, event, event_payload}, …], "info": {…},
+     "tls_cert_fingerprint": hex(32)   # when the server terminates TLS: sha256 of the SPKI
      "all_attestations": [<the fields above, one object per serving node>]}
 
 The model checks the report's *shape* only (types, hex, sizes). The quote, the event log and the
@@ -35,6 +36,8 @@ class AttestationReport:
     event_log: list[Any]
     info: Mapping[str, Any]
     all_attestations: tuple[AttestationReport, ...] = field(default=())
+    # sha256 of the TLS certificate's SPKI (hex), when the server terminates TLS itself.
+    tls_cert_fingerprint: str | None = None
 
     @property
     def identity(self) -> bytes:
@@ -54,6 +57,7 @@ class AttestationReport:
             "nvidia_payload": self.nvidia_payload,
             "event_log": self.event_log,
             "info": dict(self.info),
+            **({"tls_cert_fingerprint": self.tls_cert_fingerprint} if self.tls_cert_fingerprint else {}),
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -87,6 +91,9 @@ class AttestationReport:
             problems.append("event_log must be a list of events")
         if not isinstance(info, Mapping):
             problems.append("info must be an object")
+        fingerprint = obj.get("tls_cert_fingerprint")
+        if fingerprint is not None:
+            _hex(obj, "tls_cert_fingerprint", problems, 32)
         nodes: list[AttestationReport] = []
         raw_nodes = obj.get("all_attestations", [])
         if nested:
@@ -105,6 +112,7 @@ class AttestationReport:
             signing_address=str(address), signing_algo=algo, signing_public_key=public_key,
             request_nonce=nonce, intel_quote=str(quote), nvidia_payload=payload,
             event_log=list(obj["event_log"]), info=info, all_attestations=tuple(nodes),
+            tls_cert_fingerprint=fingerprint.lower() if isinstance(fingerprint, str) else None,
         )  # fmt: skip
         return report, []
 

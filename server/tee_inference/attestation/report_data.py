@@ -1,13 +1,19 @@
 """Packing and explaining the 64-byte TDX ``report_data`` that binds a signing key to a nonce.
 
-Layout (SPEC §3):
+Layouts (SPEC §3)::
 
-* ``ecdsa``:   bytes 0–19 signing address, 20–31 zero, 32–63 nonce.
-* ``ed25519``: bytes 0–31 public key, 32–63 nonce.
+    ecdsa      | signing address (20) | 00 × 12 | nonce (32) |
+    ed25519    | public key (32)                | nonce (32) |
+    with TLS   | sha256(identity ‖ SPKI sha256) | nonce (32) |   include_tls_fingerprint=true
+
+The TLS layout is nearai's, byte for byte, so their public verifier checks our reports:
+``identity`` is the 20 raw address bytes (ecdsa) or the 32 raw public-key bytes (ed25519), and
+the SPKI hash is the 32 raw bytes of sha256 over the certificate's DER SubjectPublicKeyInfo.
 """
 
 from __future__ import annotations
 
+import hashlib
 from typing import Final
 
 from tee_inference.exceptions import FormatError
@@ -26,6 +32,10 @@ _ECDSA_REGIONS: Final[tuple[tuple[str, int, int], ...]] = (
 )
 _ED25519_REGIONS: Final[tuple[tuple[str, int, int], ...]] = (
     ("public key (0–31)", 0, 32),
+    ("nonce (32–63)", 32, 64),
+)
+_TLS_REGIONS: Final[tuple[tuple[str, int, int], ...]] = (
+    ("sha256(key ‖ TLS SPKI) (0–31)", 0, 32),
     ("nonce (32–63)", 32, 64),
 )
 
@@ -53,6 +63,15 @@ def report_data_for_ed25519(public_key: bytes, nonce: bytes) -> bytes:
     return public_key + nonce
 
 
+def report_data_for_tls(identity: bytes, spki_sha256: bytes, nonce: bytes) -> bytes:
+    """Return ``sha256(identity ‖ spki_sha256) ‖ nonce`` (nearai's include_tls_fingerprint layout)."""
+    if len(identity) not in (ADDRESS_SIZE, ED25519_PUBLIC_KEY_SIZE):
+        raise ReportDataError(f"identity must be a 20-byte address or a 32-byte key, got {len(identity)}")
+    _require_length("TLS SPKI sha256", spki_sha256, 32)
+    _require_length("nonce", nonce, NONCE_SIZE)
+    return hashlib.sha256(identity + spki_sha256).digest() + nonce
+
+
 def report_data_for(algo: SigningAlgo | str, key: bytes, nonce: bytes) -> bytes:
     """Dispatch on ``algo`` (``"ecdsa"`` with an address, ``"ed25519"`` with a public key)."""
     if algo == "ecdsa":
@@ -74,6 +93,8 @@ def explain_report_data_mismatch(expected: bytes, actual: bytes, algo: str) -> s
         regions = _ECDSA_REGIONS
     elif algo == "ed25519":
         regions = _ED25519_REGIONS
+    elif algo == "tls":
+        regions = _TLS_REGIONS
     else:
         raise ReportDataError(f"unknown signing algorithm {algo!r}; expected 'ecdsa' or 'ed25519'")
     if expected == actual:

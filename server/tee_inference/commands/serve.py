@@ -76,6 +76,29 @@ def add_parser(commands: Subparsers) -> None:
         help="digest of the image this runs in (set by the image build)",
     )
     serve.add_argument(
+        "--tls",
+        choices=["self-signed", "files", "dstack", "off"],
+        help="TLS inside the serving process, its key made in the CVM and bound to the quote "
+        "(default: self-signed with --tee tdx, off with --tee simulated)",
+    )
+    serve.add_argument(
+        "--tls-name", action="append", default=[], metavar="NAME",
+        help="DNS name or IP for the certificate / CSR (repeatable; default localhost, 127.0.0.1, ::1)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--tls-cert", type=Path, metavar="FILE",
+        help="--tls files: the CA-issued chain for the server's CSR (GET /v1/tls/csr), reloaded on change",
+    )  # fmt: skip
+    serve.add_argument(
+        "--tls-key", type=Path, metavar="FILE",
+        help="--tls files: a key made outside the CVM (development only; refused with --tee tdx)",
+    )  # fmt: skip
+    serve.add_argument("--tls-dir", type=Path, metavar="DIR", help="RAM file system for the key files")
+    serve.add_argument(
+        "--insecure-plaintext", action="store_true",
+        help="with --tee tdx: allow --tls off, sending every prompt across the host IN CLEAR",
+    )  # fmt: skip
+    serve.add_argument(
         "--simulated-compose",
         type=Path,
         metavar="FILE",
@@ -127,6 +150,12 @@ def run(args: argparse.Namespace) -> int:
         dstack_socket=args.dstack_socket,
         image_digest=args.image_digest,
         simulated_compose=args.simulated_compose,
+        tls=args.tls or ("self-signed" if args.tee == "tdx" else "off"),
+        tls_names=tuple(args.tls_name) or None,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_dir=args.tls_dir,
+        insecure_plaintext=args.insecure_plaintext or None,
     )
     options = ServeOptions(
         config=config,

@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -67,6 +68,8 @@ def vllm_command(
     in_process_signing: bool,
     extra_args: Sequence[str] = (),
     python: str = sys.executable,
+    tls_files: tuple[Path, Path] | None = None,
+    tls_ciphers: str | None = None,
 ) -> list[str]:
     command = [
         python, "-m", "tee_inference.engines.vllm_launcher", "serve", model,
@@ -75,6 +78,12 @@ def vllm_command(
     ]  # fmt: skip
     if in_process_signing:
         command += ["--middleware", MIDDLEWARE_IMPORT_PATH]
+    if tls_files is not None:
+        # vLLM's uvicorn terminates TLS with our key (a tmpfs file) and reloads a renewed chain.
+        key, cert = tls_files
+        command += ["--ssl-keyfile", str(key), "--ssl-certfile", str(cert), "--enable-ssl-refresh"]
+        if tls_ciphers:
+            command += ["--ssl-ciphers", tls_ciphers]
     if is_vllm_cpu():
         command += cpu_engine_args()
     return command + list(extra_args)
@@ -99,11 +108,11 @@ class VllmProcess:
         # Own process group: vLLM spawns workers, and stopping must reach all of them.
         self.process = subprocess.Popen(self.command, env=self.env, start_new_session=True)
 
-    def wait_healthy(self, url: str, timeout_s: float) -> float:
+    def wait_healthy(self, url: str, timeout_s: float, *, verify: ssl.SSLContext | bool = True) -> float:
         """Seconds until `url` answered 200; raises if the child died or time ran out."""
         assert self.process is not None
         started = time.monotonic()
-        with httpx.Client(timeout=2.0) as client:
+        with httpx.Client(timeout=2.0, verify=verify) as client:
             while time.monotonic() - started < timeout_s:
                 code = self.process.poll()
                 if code is not None:

@@ -7,6 +7,9 @@ Protocol, as read from Dstack-TEE/dstack (public source):
   → ``{key, signature_chain}``, ``EmitEvent({event, payload})`` → empty, ``Info()`` → ``AppInfo``
   (``tcb_info`` a JSON string holding mrtd, rtmr0–3 and ``event_log``); the legacy ``Tappd``
   service has ``TdxQuote({report_data, hash_algorithm})``, ``DeriveK256Key`` and ``Info``.
+- ``GetTlsKey({subject, alt_names, usage_ra_tls, usage_server_auth, usage_client_auth})`` →
+  ``{key: PKCS#8 PEM, certificate_chain: [PEM, …]}``: a fresh random P-256 key per call, its
+  certificate signed by the app's CA (agent_rpc.proto; guest-agent/src/rpc_service.rs).
 - sdk/curl/api.md: HTTP/1.1 POST of a JSON body to ``/<Method>`` on ``/var/run/dstack.sock``;
   ``bytes`` fields travel as lowercase hex; GetQuote also returns ``vm_config``; errors are
   non-2xx with ``{"error": "..."}``; EmitEvent needs dstack OS 0.5.0 or later.
@@ -70,6 +73,12 @@ class DstackQuote:
 class DstackKey:
     key: bytes = field(repr=False)
     signature_chain: tuple[bytes, ...] = field(repr=False)
+
+
+@dataclass(frozen=True)
+class DstackTlsKey:
+    key_pem: bytes = field(repr=False)
+    chain_pem: tuple[bytes, ...]
 
 
 @dataclass(frozen=True)
@@ -235,6 +244,23 @@ class DstackClient:
             raise DstackKeyError(str(exc)) from None
         except ValueError as exc:
             raise DstackKeyError(f"dstack guest agent at {self.socket_path}: {method}: {exc}") from None
+
+    def get_tls_key(self, subject: str, alt_names: tuple[str, ...]) -> DstackTlsKey:
+        """A server TLS key and certificate chain from the agent (dstack only; never logged)."""
+        if self.api != "dstack":
+            raise DstackError(f"the legacy tappd agent at {self.socket_path} has no GetTlsKey")
+        body = {"subject": subject, "alt_names": list(alt_names), "usage_server_auth": True,
+                "usage_client_auth": False, "usage_ra_tls": False}  # fmt: skip
+        reply = self.call("GetTlsKey", body, secret=True)
+        try:
+            obj = _object(reply, "GetTlsKey response")
+            key, chain = obj["key"], obj["certificate_chain"]
+            if not isinstance(key, str) or not isinstance(chain, list) or not chain:
+                raise ValueError("GetTlsKey response needs a PEM key and a non-empty certificate_chain")
+            return DstackTlsKey(key.encode(), tuple(str(c).encode() for c in chain))
+        except (KeyError, ValueError) as exc:
+            where = f"dstack guest agent at {self.socket_path}: GetTlsKey"
+            raise DstackError(f"{where}: {exc if isinstance(exc, ValueError) else 'missing key'}") from None
 
     def info(self) -> DstackInfo:
         try:

@@ -111,6 +111,10 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     url.add_argument("--model", required=True, metavar="M")
     url.add_argument("--api-key-env", metavar="VAR", help="send 'Authorization: Bearer $VAR'")
     url.add_argument(
+        "--allow-plaintext", action="store_true",
+        help="accept plain http (loopback development): nothing ties the connection to the server",
+    )  # fmt: skip
+    url.add_argument(
         "--signing-algo", choices=["ecdsa", "ed25519"], default="ecdsa",
         help="the report to ask for, and the signature to check (default ecdsa)",
     )  # fmt: skip
@@ -130,6 +134,8 @@ def _policy(args: argparse.Namespace) -> VerificationPolicy:
         if getattr(args, "expect", []):
             raise VerificationError("--no-measurements and --expect contradict each other")
         relax.add("measurements")
+    if getattr(args, "allow_plaintext", False):
+        relax.add("tls_binding")
     if getattr(args, "allow_stale", False):
         if getattr(args, "nonce", None):
             raise VerificationError("--allow-stale and --nonce contradict each other")

@@ -1,5 +1,11 @@
 """End to end against a live server: a fresh nonce, a verified report, a signed completion.
 
+Over https the connection itself is verified: the report is asked with the TLS key bound into
+report_data (``include_tls_fingerprint=true``), the SPKI the live connection presented must be
+the attested one (``tls_binding``), and from then on every connection is pinned to it, so the
+completion travels over the attested channel too. Plain http is refused unless the caller accepts
+it by name (``--allow-plaintext``, for loopback development).
+
 The request body is serialized here and sent as raw bytes, and the response is read as raw bytes
 before any JSON parsing: the hashes must be of exactly what crossed the wire (SPEC §2), so this
 module never lets an HTTP library re-encode either side.
@@ -15,11 +21,13 @@ import httpx
 
 from tee_inference.signing import sha256_hex
 from tee_inference.verify.policy import VerificationPolicy
-from tee_inference.verify.results import CheckResult, VerificationResult
+from tee_inference.verify.results import CheckResult, Status, VerificationResult
 from tee_inference.verify.signature import SIGNATURE, verify_signature
+from tee_inference.verify.tlspin import SpkiPin
 from tee_inference.verify.verifier import Verifier
 
 REPORT_FETCH, COMPLETION, SIGNATURE_TEXT = "report_fetch", "completion", "signature_text"
+TLS_BINDING: Final = "tls_binding"
 DEFAULT_PROMPT: Final = "Reply with one word: hello."
 
 
@@ -87,6 +95,31 @@ def _completion(client: httpx.Client, model: str, prompt: str, algo: str, identi
     return out
 
 
+def _tls_binding(secure: bool, pin: SpkiPin | None, attested: object) -> CheckResult:
+    """tls_binding: the SPKI this connection presented is the one report_data and RTMR3 bind."""
+    if not secure:
+        return CheckResult.skipped(
+            TLS_BINDING,
+            "plain http, accepted by --allow-plaintext: nothing ties this connection to the server",
+        )
+    live = pin.last_seen if pin is not None else None
+    if live is None:
+        return CheckResult.failed(TLS_BINDING, "no TLS peer key was observed on this connection")
+    if not isinstance(attested, str):
+        return CheckResult.failed(
+            TLS_BINDING, f"the connection presented SPKI {live.hex()}, but no attested TLS key binds it"
+        )
+    if live.hex() != attested:
+        return CheckResult.failed(
+            TLS_BINDING,
+            f"the connection presented SPKI {live.hex()}, the attested TLS key is {attested}: "
+            "a TLS-terminating relay (or another server) answered",
+        )
+    assert pin is not None
+    pin.pin(live)  # every later connection must present the same key, checked at handshake
+    return CheckResult.passed(TLS_BINDING, f"the live TLS key (SPKI {attested}) is the attested one; pinned")
+
+
 def verify_url(
     base_url: str,
     model: str,
@@ -101,18 +134,40 @@ def verify_url(
     prompt: str = DEFAULT_PROMPT,
     signing_algo: str = "ecdsa",
     nras_client: Any = None,
+    pin: SpkiPin | None = None,
 ) -> VerificationResult:
     """Verify a live endpoint: its report under ``policy``, then one signed completion.
 
-    ``client`` lets a test route requests to an in-process app; otherwise one is made for
-    ``base_url``. The completion's signer must be the address the verified quote binds.
+    ``client`` (with the ``pin`` its TLS context uses, for https) lets a test route requests to
+    an in-process app; otherwise one is made for ``base_url``. The completion's signer must be
+    the key the verified quote binds.
     """
+    secure = base_url.lower().startswith("https://")
+    if not secure and TLS_BINDING not in policy.relax:
+        refused = CheckResult.failed(
+            TLS_BINDING,
+            f"refusing plain {base_url.split(':', 1)[0]}: the report, prompt and completion would cross "
+            "the network in clear, and nothing ties the connection to the attested server; use https "
+            "(or --allow-plaintext for loopback development)",
+        )
+        return VerificationResult((refused,), policy.relax)
     headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
     own = client is None
-    http = client or httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=60.0)
+    if own and secure:
+        pin = SpkiPin()
+    if client is None:
+        # One connection, kept alive: the report and the completion come from the same peer.
+        client = httpx.Client(
+            base_url=base_url.rstrip("/"), headers=headers, timeout=60.0,
+            verify=pin.context if pin is not None else True,
+            limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
+        )  # fmt: skip
+    http = client
     try:
         nonce = os.urandom(32)
         params = {"model": model, "nonce": nonce.hex(), "signing_algo": signing_algo}
+        if secure:
+            params["include_tls_fingerprint"] = "true"
         report, error = _get_json(http, "/v1/attestation/report", params)
         if error:
             return VerificationResult((CheckResult.failed(REPORT_FETCH, error),), policy.relax)
@@ -126,11 +181,15 @@ def verify_url(
             now=now,
             signing_algo=signing_algo,
             nras_client=nras_client,
+            tls_layout=True if secure else None,
         )
         fetched = CheckResult.passed(REPORT_FETCH, f"{base_url} answered for nonce {nonce.hex()}")
+        binding = _tls_binding(secure, pin, result.attested.get("tls_cert_fingerprint"))
         result = VerificationResult(
-            (fetched, *result.checks), result.relaxed, result.simulated, result.attested
+            (fetched, *result.checks, binding), result.relaxed, result.simulated, result.attested
         )
+        if secure and binding.status is not Status.PASS:
+            return result  # not one more byte to a peer that is not the attested server
         # Only what report_data bound may vouch for a signature: for ecdsa the address, for ed25519
         # the public key, and only when the report is for the algorithm we asked for.
         field = "signing_address" if signing_algo == "ecdsa" else "signing_public_key"

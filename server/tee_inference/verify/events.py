@@ -29,9 +29,9 @@ from tee_inference.attestation.eventlog import (
     DSTACK_RUNTIME_EVENT_TYPE,
     DSTACK_SYSTEM_READY,
     EVENT_IMAGE,
+    EVENT_KEYSET,
     EVENT_MODEL_WEIGHTS,
     EVENT_PREFIX,
-    EVENT_SIGNING_KEY,
     OUR_EVENTS,
     RTMR_COUNT,
     Event,
@@ -54,7 +54,7 @@ class RuntimeClaims:
     dstack: bool = False  # a system-ready event was seen
     image: dict[str, Any] | None = None
     models: dict[str, dict[str, Any]] = field(default_factory=dict)  # model name -> payload
-    signing_key: dict[str, Any] | None = None
+    keyset: dict[str, Any] | None = None
     problems: tuple[str, ...] = ()
     ignored: tuple[str, ...] = ()  # events that carry no claim we read (reported, not trusted)
     descriptions: tuple[str, ...] = ()
@@ -171,7 +171,7 @@ def read_runtime_events(events: Sequence[Event]) -> RuntimeClaims:
         dstack=reader.dstack,
         image=reader.ours.get(EVENT_IMAGE),
         models=reader.models,
-        signing_key=reader.ours.get(EVENT_SIGNING_KEY),
+        keyset=reader.ours.get(EVENT_KEYSET),
         problems=tuple(reader.problems),
         ignored=tuple(reader.ignored),
         descriptions=tuple(describe_event(e) for e in events if e.imr == 3),

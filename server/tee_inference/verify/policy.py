@@ -30,7 +30,7 @@ FRESHNESS: Final = "freshness"
 TCB_STATUS: Final = "tcb_status"
 # The required checks a caller may accept as skipped, and the CLI option that says so.
 RELAXABLE: Final = {MEASUREMENTS: "--no-measurements", FRESHNESS: "--allow-stale",
-                    TCB_STATUS: "--allow-missing-collateral"}  # fmt: skip
+                    TCB_STATUS: "--allow-missing-collateral", "tls_binding": "--allow-plaintext"}  # fmt: skip
 
 # Intel's TCB statuses (TCB Info v3); only UpToDate means "no known issue".
 KNOWN_TCB_STATUSES: Final = frozenset({

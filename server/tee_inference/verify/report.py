@@ -17,15 +17,19 @@ import coincurve
 
 from tee_inference.attestation.eventlog import mrconfigid_for
 from tee_inference.attestation.report import AttestationReport
-from tee_inference.attestation.report_data import explain_report_data_mismatch, report_data_for
+from tee_inference.attestation.report_data import (
+    explain_report_data_mismatch,
+    report_data_for,
+    report_data_for_tls,
+)
 from tee_inference.signing import address_of, checksum_address
 from tee_inference.verify.events import RuntimeClaims
 from tee_inference.verify.policy import FRESHNESS, RELAXABLE
 from tee_inference.verify.results import CheckResult
 
 REPORT_FORMAT, REPORT_DATA, SIGNING_KEY = "report_format", "report_data", "signing_key"
-SIGNING_ALGO, MRCONFIGID = "signing_algo", "mrconfigid"
-SIGNING_KEY_EVENT, MODEL_EVENT, IMAGE_EVENT = "signing_key_event", "model_event", "image_event"
+SIGNING_ALGO, MRCONFIGID, TLS_FINGERPRINT = "signing_algo", "mrconfigid", "tls_fingerprint"
+KEYSET_EVENT, MODEL_EVENT, IMAGE_EVENT = "keyset_event", "model_event", "image_event"
 SIMULATED = "simulated"
 
 
@@ -86,13 +90,57 @@ def check_signing_key(report: AttestationReport) -> CheckResult:
     return CheckResult.passed(SIGNING_KEY, f"signing_public_key is the key of {derived}")
 
 
-def check_report_data(report: AttestationReport, actual: bytes, nonce: bytes) -> CheckResult:
+def check_report_data(
+    report: AttestationReport, actual: bytes, nonce: bytes, *, tls_layout: bool | None = None
+) -> CheckResult:
+    """report_data binds the key and the nonce; with a TLS fingerprint, nearai's layout binds it too.
+
+    ``tls_layout`` True requires the TLS layout (the caller asked include_tls_fingerprint=true),
+    False requires the plain one, None accepts whichever the report's fields produce.
+    """
+    who = report.signing_address if report.signing_algo == "ecdsa" else report.signing_public_key.hex()
+    spki = bytes.fromhex(report.tls_cert_fingerprint) if report.tls_cert_fingerprint else None
+    if spki is not None and tls_layout is not False:
+        with_tls = report_data_for_tls(report.identity, spki, nonce)
+        if hmac.compare_digest(with_tls, actual):
+            return CheckResult.passed(
+                REPORT_DATA,
+                f"binds {report.signing_algo} key {who}, TLS SPKI {spki.hex()} and nonce {nonce.hex()}",
+            )
+        if tls_layout:
+            return CheckResult.failed(
+                REPORT_DATA, explain_report_data_mismatch(with_tls, actual, "tls") or "report_data mismatch"
+            )
+    elif tls_layout:
+        return CheckResult.failed(
+            REPORT_DATA, "asked for the TLS layout, but the report names no TLS fingerprint"
+        )
     expected = report_data_for(report.signing_algo, report.identity, nonce)
     problem = explain_report_data_mismatch(expected, actual, report.signing_algo)
     if problem is not None:
         return CheckResult.failed(REPORT_DATA, problem)
-    who = report.signing_address if report.signing_algo == "ecdsa" else report.signing_public_key.hex()
     return CheckResult.passed(REPORT_DATA, f"binds {report.signing_algo} key {who} and nonce {nonce.hex()}")
+
+
+def check_tls_fingerprint(report: AttestationReport, claims: RuntimeClaims | None) -> CheckResult:
+    """tls_fingerprint: the report's TLS SPKI is the one this boot recorded in RTMR3 (keyset)."""
+    if claims is None or claims.keyset is None:
+        return CheckResult.skipped(TLS_FINGERPRINT, "no keyset event to compare with")
+    recorded = claims.keyset.get("tls_spki_sha256")
+    if report.tls_cert_fingerprint is None:
+        if recorded:
+            return CheckResult.failed(
+                TLS_FINGERPRINT,
+                f"RTMR3 records TLS SPKI {recorded}, but the report names no tls_cert_fingerprint",
+            )
+        return CheckResult.passed(TLS_FINGERPRINT, "no TLS: the server serves plain HTTP (keyset: tls off)")
+    if not _same(recorded, report.tls_cert_fingerprint):
+        return CheckResult.failed(
+            TLS_FINGERPRINT, f"report names TLS SPKI {report.tls_cert_fingerprint}, RTMR3 recorded {recorded}"
+        )
+    return CheckResult.passed(
+        TLS_FINGERPRINT, f"TLS SPKI {recorded} ({claims.keyset.get('tls_mode')}) recorded at boot in RTMR3"
+    )
 
 
 def check_mrconfigid(claims: RuntimeClaims | None, mrconfigid: bytes) -> CheckResult:
@@ -125,27 +173,27 @@ def _same(a: object, b: object) -> bool:
 def check_runtime_claims(
     report: AttestationReport, claims: RuntimeClaims | None, model: str | None
 ) -> list[CheckResult]:
-    """signing_key_event, model_event, image_event: the report's claims against what RTMR3 measured."""
+    """keyset_event, model_event, image_event: the report's claims against what RTMR3 measured."""
     if claims is None:
         skip = "event log not verified, so nothing it records can be relied on"
-        return [CheckResult.skipped(n, skip) for n in (SIGNING_KEY_EVENT, MODEL_EVENT, IMAGE_EVENT)]
+        return [CheckResult.skipped(n, skip) for n in (KEYSET_EVENT, MODEL_EVENT, IMAGE_EVENT)]
     return [_key_event(report, claims), _model_event(report, claims, model), _image_event(report, claims)]
 
 
 def _key_event(report: AttestationReport, claims: RuntimeClaims) -> CheckResult:
-    key = claims.signing_key
+    key = claims.keyset
     if key is None:
         return CheckResult.failed(
-            SIGNING_KEY_EVENT, "no signing-key event in RTMR3: the key is not tied to the measured boot"
+            KEYSET_EVENT, "no signing-key event in RTMR3: the key is not tied to the measured boot"
         )
     if report.signing_algo == "ecdsa":
         field, wanted = "address", report.signing_address
     else:
         field, wanted = "ed25519_public_key", report.signing_public_key.hex()
     if not _same(key.get(field), wanted):
-        return CheckResult.failed(SIGNING_KEY_EVENT, f"RTMR3 measured key {key.get(field)}, not {wanted}")
+        return CheckResult.failed(KEYSET_EVENT, f"RTMR3 measured key {key.get(field)}, not {wanted}")
     return CheckResult.passed(
-        SIGNING_KEY_EVENT,
+        KEYSET_EVENT,
         f"RTMR3 measured this key (epoch {key.get('epoch')}, source {key.get('key_source')})",
     )
 

@@ -43,6 +43,7 @@ class _Evidence:
     collateral: Any
     now: int | None
     nras_client: Any
+    tls_layout: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,7 @@ class Verifier:
         nonce: bytes | None = None,
         model: str | None = None,
         signing_algo: str | None = None,
+        tls_layout: bool | None = None,
         collateral: Any = None,
         pccs_url: str | None = None,
         now: int | None = None,
@@ -129,7 +131,7 @@ class Verifier:
         if collateral is None and pccs_url:
             collateral = fetch_collateral(pccs_url, _raw(parsed.intel_quote))  # pragma: no cover - network
         evidence = _Evidence(
-            parsed.request_nonce if nonce is None else nonce, model, collateral, now, nras_client
+            parsed.request_nonce if nonce is None else nonce, model, collateral, now, nras_client, tls_layout
         )
         checks = [fmt, rp.check_signing_algo(parsed, signing_algo), rp.check_freshness(parsed, nonce)]
         primary = self._verify_node(parsed, policy, evidence)
@@ -160,7 +162,7 @@ class Verifier:
             ]
         else:
             td = qc.quote.td_report
-            checks.append(rp.check_report_data(node, td.report_data, e.nonce))
+            checks.append(rp.check_report_data(node, td.report_data, e.nonce, tls_layout=e.tls_layout))
             events, replay = ev.check_event_log(node.event_log, td.rtmrs)
             checks.append(replay)
             if events is not None:
@@ -169,6 +171,7 @@ class Verifier:
                 measured = _measured(qc.quote, claims)
             checks.append(rp.check_mrconfigid(claims, td.mrconfigid))
         checks += rp.check_runtime_claims(node, claims, e.model)
+        checks.append(rp.check_tls_fingerprint(node, claims))
         checks.append(_measurements(policy, measured, claims))
         gc = check_gpu(node.nvidia_payload, e.nonce, policy, nvidia_root=self.nvidia_root)
         checks += gc.checks
@@ -190,6 +193,14 @@ class Verifier:
             "signing_address": node.signing_address if bound and key_ok and ecdsa else None,
             "signing_algo": node.signing_algo,
             "signing_public_key": node.signing_public_key.hex() if bound and key_ok else None,
+            "tls_cert_fingerprint": node.tls_cert_fingerprint
+            if bound and _passed(checks, rp.TLS_FINGERPRINT)
+            else None,
+            "e2ee_public_key": (
+                (claims.keyset or {}).get("e2ee_public_key")
+                if bound and claims and _passed(checks, rp.KEYSET_EVENT)
+                else None
+            ),
             "model": node.info.get("model"),
             "tcb_status": qc.tcb_status,
             "gpus": list(gc.gpus),
@@ -227,6 +238,10 @@ class Verifier:
                 problem = f"gpu_distinct: shares GPU(s) {', '.join(sorted(shared))} with another node"
             out.append((label, not problem, problem, result.attested))
         return out
+
+
+def _passed(checks: list[CheckResult], name: str) -> bool:
+    return any(c.name == name and c.status is Status.PASS for c in checks)
 
 
 def _parsed(

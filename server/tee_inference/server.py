@@ -115,7 +115,7 @@ def _run_uvicorn(app: ASGIApp, host: str, port: int, tls: TlsService | None = No
     factory = None
     if tls is not None:
 
-        def factory(config: uvicorn.Config, default: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
+        def factory(_config: uvicorn.Config, _default: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
             return tls.serve_context()
 
     config = uvicorn.Config(

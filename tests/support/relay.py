@@ -3,15 +3,19 @@
 ``tls_terminating_relay`` ends TLS with its own certificate and opens its own TLS connection to
 the server, so it can read everything: what TLS bound to the quote must expose. ``tcp_relay``
 only forwards bytes: TLS still ends at the server, so a pinning client is not disturbed.
+
+Both run an asyncio loop in a thread (asyncio's TLS streams are safe to read and write at once,
+unlike one ssl.SSLSocket shared by two threads).
 """
 
 from __future__ import annotations
 
-import socket
+import asyncio
+import contextlib
 import ssl
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 
 from cryptography import x509
@@ -20,19 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 
-def _pipe(src: socket.socket, dst: socket.socket) -> None:
-    try:
-        while data := src.recv(65536):
-            dst.sendall(data)
-    except OSError:
-        pass
-    finally:
-        for s in (src, dst):
-            with suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
-
-
-def _relay_certificate(tmp: str) -> ssl.SSLContext:
+def _relay_context(tmp: str) -> ssl.SSLContext:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "relay in the middle")])
     now = datetime.now(UTC)
@@ -50,56 +42,65 @@ def _relay_certificate(tmp: str) -> ssl.SSLContext:
     return context
 
 
-@contextmanager
-def _serve(handle: object) -> Iterator[int]:
-    listener = socket.create_server(("127.0.0.1", 0))
-    port = listener.getsockname()[1]
-    stop = threading.Event()
-
-    def accept() -> None:
-        while not stop.is_set():
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=handle, args=(conn,), daemon=True).start()  # type: ignore[arg-type]
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
+async def _copy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     try:
-        yield port
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    except (ConnectionError, ssl.SSLError):
+        pass
     finally:
-        stop.set()
-        listener.close()
+        with contextlib.suppress(Exception):
+            writer.close()
+
+
+@contextmanager
+def _relay(upstream_port: int, *, front: ssl.SSLContext | None, back: ssl.SSLContext | None) -> Iterator[int]:
+    loop = asyncio.new_event_loop()
+    ready: list[int] = []
+    started = threading.Event()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", upstream_port, ssl=back)
+        except OSError:
+            writer.close()
+            return
+        await asyncio.gather(_copy(reader, up_writer), _copy(up_reader, writer))
+
+    async def main() -> None:
+        server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=front)
+        ready.append(server.sockets[0].getsockname()[1])
+        started.set()
+        async with server:
+            await server.serve_forever()
+
+    def run() -> None:
+        with contextlib.suppress(asyncio.CancelledError):
+            loop.run_until_complete(main())
+        loop.close()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    started.wait(10)
+    try:
+        yield ready[0]
+    finally:
+        for task in asyncio.all_tasks(loop):
+            loop.call_soon_threadsafe(task.cancel)
+        thread.join(5)
 
 
 @contextmanager
 def tcp_relay(upstream_port: int) -> Iterator[int]:
-    def handle(conn: socket.socket) -> None:
-        up = socket.create_connection(("127.0.0.1", upstream_port))
-        threading.Thread(target=_pipe, args=(conn, up), daemon=True).start()
-        _pipe(up, conn)
-
-    with _serve(handle) as port:
+    with _relay(upstream_port, front=None, back=None) as port:
         yield port
 
 
 @contextmanager
 def tls_terminating_relay(upstream_port: int, tmp: str) -> Iterator[int]:
-    server_side = _relay_certificate(tmp)
-    client_side = ssl.create_default_context()
-    client_side.check_hostname = False
-    client_side.verify_mode = ssl.CERT_NONE
-
-    def handle(conn: socket.socket) -> None:
-        try:
-            front = server_side.wrap_socket(conn, server_side=True)
-            back = client_side.wrap_socket(socket.create_connection(("127.0.0.1", upstream_port)))
-        except OSError:
-            conn.close()
-            return
-        threading.Thread(target=_pipe, args=(front, back), daemon=True).start()
-        _pipe(back, front)
-
-    with _serve(handle) as port:
+    back = ssl.create_default_context()
+    back.check_hostname = False
+    back.verify_mode = ssl.CERT_NONE
+    with _relay(upstream_port, front=_relay_context(tmp), back=back) as port:
         yield port

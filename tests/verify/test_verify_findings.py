@@ -261,3 +261,29 @@ def test_a_server_without_an_image_digest_says_so() -> None:
         result.check("image_event").detail == "RTMR3 records no image digest: not started from a built image"
     )
     assert "None" not in result.check("image_event").detail
+
+
+# 8. GPUs: one device cannot serve two nodes ---------------------------------------------------
+
+
+def test_two_nodes_presenting_one_gpu_fail() -> None:
+    node, second = SimulatedNode(), SimulatedNode(seed=bytes(range(2, 34)))
+    second.gpu = node.gpu  # the second CVM shows the first one's GPU evidence as its own
+    report = node.report(NONCE)
+    report["all_attestations"].append(second.report(NONCE)["all_attestations"][0])
+    result = VERIFIER.verify_report(report, _expected(node), nonce=NONCE)
+    detail = _blocking(result)["all_attestations"]
+    assert "gpu_distinct" in detail and "two nodes cannot hold one GPU" in detail
+
+
+def test_eight_copies_of_one_gpu_are_one_gpu() -> None:
+    node = SimulatedNode()
+    report = node.report(NONCE)
+    payload = json.loads(report["nvidia_payload"])
+    payload["evidence_list"] = payload["evidence_list"] * 8
+    report["nvidia_payload"] = json.dumps(payload)
+    report["all_attestations"] = [
+        {**report["all_attestations"][0], "nvidia_payload": report["nvidia_payload"]}
+    ]
+    result = VERIFIER.verify_report(report, _expected(node), nonce=NONCE)
+    assert "gpu_distinct" in _blocking(result)

@@ -3,6 +3,11 @@
     {"nonce": hex, "arch": "HOPPER",
      "evidence_list": [{"evidence": base64, "certificate": base64(PEM chain), "arch": "HOPPER"}, …]}
 
+NVSwitch evidence (an HGX board in PPCIe mode: 8 GPUs, 4 NVSwitches) travels in the same list,
+each switch entry marked ``"arch": "LS10"``, while the payload's own ``arch`` stays the GPUs'.
+An entry without ``arch`` takes the payload's. NRAS attests switches at another endpoint, so a
+client posting this to NRAS's GPU endpoint leaves the switch entries out.
+
 The binary report each ``evidence`` holds is read by :mod:`nvidia_spdm`, its certificate chain by
 :mod:`nvidia_certs`.
 """

@@ -13,6 +13,11 @@ the DMTF spec: value type u8, value size u16le, value). The opaque data is a run
 TLV fields (type u16le, length u16le, value). The signature is ECDSA-P384 over SHA-384 of
 everything before it, raw ``r || s``, made with the key of the device's leaf certificate.
 Integers are little-endian, as everywhere in SPDM.
+
+An NVSwitch (LS10) answers in the same layout, with 31 blocks and its own opaque fields: its
+VBIOS version as ASCII text (``96.10.55.00.01``) rather than 8 bytes, no driver version, and
+field 22 holding its own PDI (a GPU's field 22 lists the PDIs of the switches on its 18
+NVLinks). Field 26 is the switch's 8 GPU PDIs followed by a port map.
 """
 
 from __future__ import annotations
@@ -51,6 +56,16 @@ OPAQUE_FIELD_PROJECT_SKU: Final = 18
 OPAQUE_FIELD_PROJECT_SKU_MOD: Final = 19
 OPAQUE_FIELD_FWID: Final = 20
 OPAQUE_FIELD_PROTECTED_PCIE_STATUS: Final = 21
+# Field 22 is SWITCH_PDI in a GPU's report and DEVICE_PDI in a switch's: same id, two meanings.
+OPAQUE_FIELD_SWITCH_PDI: Final = 22
+OPAQUE_FIELD_DEVICE_PDI: Final = 22
+OPAQUE_FIELD_DISABLED_PORTS: Final = 23
+OPAQUE_FIELD_SWITCH_POSITION_ID: Final = 24
+OPAQUE_FIELD_SWITCH_LOCK_STATUS: Final = 25
+OPAQUE_FIELD_SWITCH_GPU_PDIS: Final = 26
+OPAQUE_FIELD_CHIP_INFO: Final = 35  # Blackwell: the chip name its CC driver RIM id carries
+
+NVDEC_DISABLED: Final = 0x55  # NVDEC0_STATUS value when the video decoder is off (0xAA: on)
 
 VBIOS_VERSION_SIZE: Final = 8
 
@@ -109,7 +124,7 @@ class GpuEvidence:
     measurements: tuple[MeasurementBlock, ...]
     response_nonce: bytes
     opaque_fields: tuple[OpaqueField, ...]
-    driver_version: str
+    driver_version: str | None  # None in an NVSwitch report, which has no driver
     vbios_version: str
     signature: bytes
 
@@ -235,6 +250,15 @@ def _text_field(fields: tuple[OpaqueField, ...], field_id: int, name: str, offse
     raise GpuEvidenceFormatError(f"opaque data {name} (field {field_id})", offset, "missing")
 
 
+def _vbios_version(value: bytes) -> str:
+    """A GPU's 8-byte binary VBIOS version, or an NVSwitch's ASCII one (``96.10.55.00.01``)."""
+    if len(value) == VBIOS_VERSION_SIZE:
+        return format_vbios_version(value)
+    text = value.rstrip(b"\x00").decode("ascii")
+    encode_vbios_version(text)  # the same dotted shape, or ValueError
+    return text.upper()
+
+
 def parse_gpu_evidence(raw: bytes) -> GpuEvidence:
     """Parse a raw attestation report; structure only, the signature is not checked here."""
     reader = _Reader(bytes(raw))
@@ -271,11 +295,12 @@ def parse_gpu_evidence(raw: bytes) -> GpuEvidence:
             f"expected {SIGNATURE_SIZE} bytes to the end, found {len(signature)}",
         )
 
-    driver_raw = _text_field(fields, OPAQUE_FIELD_DRIVER_VERSION, "driver version", opaque_offset)
+    # A switch has no driver; which kind of device this is, the verifier learns from the chain.
+    driver_raw = next((f.value for f in fields if f.field_id == OPAQUE_FIELD_DRIVER_VERSION), None)
     vbios_raw = _text_field(fields, OPAQUE_FIELD_VBIOS_VERSION, "VBIOS version", opaque_offset)
     try:
-        driver_version = driver_raw.rstrip(b"\x00").decode("ascii")
-        vbios_version = format_vbios_version(vbios_raw)
+        driver_version = None if driver_raw is None else driver_raw.rstrip(b"\x00").decode("ascii")
+        vbios_version = _vbios_version(vbios_raw)
     except ValueError as exc:
         raise GpuEvidenceFormatError("opaque data versions", opaque_offset, str(exc)) from None
 

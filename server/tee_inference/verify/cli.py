@@ -68,6 +68,23 @@ def _evidence_options(p: argparse.ArgumentParser, *, report: bool) -> None:
         p.add_argument("--allow-no-gpu", action="store_true", help="accept a report without GPU evidence")
         p.add_argument("--nras", action="store_true", help="also ask NVIDIA's NRAS (online)")
         p.add_argument(
+            "--rim", action="append", default=[], metavar="FILE", type=Path,
+            help="an NVIDIA RIM (driver or VBIOS reference measurements, signed XML) to compare the "
+            "GPU measurements with; repeatable",
+        )  # fmt: skip
+        p.add_argument(
+            "--rim-service", action="store_true", help="fetch RIMs from NVIDIA's RIM service (online)"
+        )
+        p.add_argument(
+            "--require-rim", action="store_true", help="fail unless every GPU's RIMs were compared"
+        )
+        p.add_argument(
+            "--ocsp", action="store_true", help="ask NVIDIA's OCSP responder about every certificate (online)"
+        )
+        p.add_argument(
+            "--allow-ocsp-hold", action="store_true", help="accept certificates NVIDIA put on hold (reported)"
+        )
+        p.add_argument(
             "--nvidia-root", metavar="PEM", help="GPU trust anchor instead of the pinned NVIDIA root"
         )
         p.add_argument(
@@ -140,13 +157,20 @@ def _policy(args: argparse.Namespace) -> VerificationPolicy:
         if getattr(args, "nonce", None):
             raise VerificationError("--allow-stale and --nonce contradict each other")
         relax.add("freshness")
-    return VerificationPolicy.build(
+    policy = VerificationPolicy.build(
         expected=[load_expected_measurements(p) for p in getattr(args, "expect", [])],
         allow_simulated=getattr(args, "allow_simulated", False),
         allow_tcb=args.allow_tcb,
         relax=relax,
         require_gpu=not getattr(args, "allow_no_gpu", False),
     )
+    gpu = replace(
+        policy.gpu,
+        require_rim=getattr(args, "require_rim", False),
+        require_ocsp=getattr(args, "ocsp", False),
+        allow_ocsp_hold=getattr(args, "allow_ocsp_hold", False),
+    )
+    return replace(policy, gpu=gpu)
 
 
 def _verifier(args: argparse.Namespace) -> Verifier:
@@ -191,15 +215,20 @@ def _run(args: argparse.Namespace) -> VerificationResult:
             pccs_url=args.pccs_url,
             now=args.now,
         )
-    nras_client = None
-    if args.nras:  # pragma: no cover - network
+    nras_client = rim_client = ocsp_client = None
+    if args.nras or args.rim_service or args.ocsp:  # pragma: no cover - network
         import httpx
 
-        nras_client = httpx.Client(timeout=60.0)
+        online = httpx.Client(timeout=60.0)
+        nras_client = online if args.nras else None
+        rim_client = online if args.rim_service else None
+        ocsp_client = online if args.ocsp else None
+
     if args.verify_command == "report":
         return verifier.verify_report(
             _read(args.report), policy, nonce=_nonce(args.nonce), collateral=collateral,
             pccs_url=args.pccs_url, now=args.now, nras_client=nras_client, signing_algo=args.signing_algo,
+            rims=args.rim, rim_client=rim_client, ocsp_client=ocsp_client,
         )  # fmt: skip
     from tee_inference.verify.e2e import verify_url
 
@@ -217,6 +246,9 @@ def _run(args: argparse.Namespace) -> VerificationResult:
         now=args.now,
         signing_algo=args.signing_algo,
         nras_client=nras_client,
+        rims=args.rim,
+        rim_client=rim_client,
+        ocsp_client=ocsp_client,
     )
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from typing import Any, Final
 
 import httpx
@@ -135,6 +136,9 @@ def verify_url(
     signing_algo: str = "ecdsa",
     nras_client: Any = None,
     pin: SpkiPin | None = None,
+    rims: Sequence[Any] = (),
+    rim_client: Any = None,
+    ocsp_client: Any = None,
 ) -> VerificationResult:
     """Verify a live endpoint: its report under ``policy``, then one signed completion.
 
@@ -182,6 +186,9 @@ def verify_url(
             signing_algo=signing_algo,
             nras_client=nras_client,
             tls_layout=True if secure else None,
+            rims=rims,
+            rim_client=rim_client,
+            ocsp_client=ocsp_client,
         )
         fetched = CheckResult.passed(REPORT_FETCH, f"{base_url} answered for nonce {nonce.hex()}")
         binding = _tls_binding(secure, pin, result.attested.get("tls_cert_fingerprint"))

@@ -16,6 +16,7 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Final, Protocol
 
+from tee_inference.attestation.nvidia_devices import GPU_ARCHES, KNOWN_ARCHES, SWITCH_ARCHES
 from tee_inference.attestation.td_attributes import TdAttributesPolicy
 from tee_inference.exceptions import VerificationError
 from tee_inference.verify.measurements import (
@@ -73,6 +74,40 @@ class SimulatedPolicy:
     """Whether evidence under SIMULATED roots may pass. Off unless a person asked for it."""
 
     allowed: bool = False
+
+
+@dataclass(frozen=True)
+class GpuPolicy:
+    """What NVIDIA device evidence must show beyond its signatures.
+
+    ``arches`` and ``switch_arches`` are the architectures accepted (NRAS names). Whether the
+    reference-measurement (``gpu_rim``) and revocation (``gpu_ocsp``) checks must run is asked
+    here: by default their skip is reported, not blocking. ``allow_ocsp_hold`` accepts a
+    certificate that NVIDIA's responder reports revoked with reason ``certificateHold``.
+    """
+
+    arches: frozenset[str] = GPU_ARCHES
+    switch_arches: frozenset[str] = SWITCH_ARCHES
+    require_rim: bool = False
+    require_ocsp: bool = False
+    allow_ocsp_hold: bool = False
+
+    def __post_init__(self) -> None:
+        unknown = (self.arches | self.switch_arches) - KNOWN_ARCHES
+        if unknown:
+            raise VerificationError(
+                f"unknown NVIDIA architecture(s) {', '.join(sorted(unknown))}; "
+                f"known: {', '.join(sorted(KNOWN_ARCHES))}"
+            )
+        if self.switch_arches - SWITCH_ARCHES or self.arches & SWITCH_ARCHES:
+            raise VerificationError(
+                f"GPU architectures go in 'arches', NVSwitch ones ({', '.join(sorted(SWITCH_ARCHES))}) "
+                "in 'switch_arches'"
+            )
+
+    @property
+    def allowed(self) -> frozenset[str]:
+        return self.arches | self.switch_arches
 
 
 class ClaimsPolicy(Protocol):
@@ -151,6 +186,7 @@ class VerificationPolicy:
     relax: frozenset[str] = frozenset()
     require_gpu: bool = True
     td_attributes: TdAttributesPolicy = field(default_factory=TdAttributesPolicy)
+    gpu: GpuPolicy = field(default_factory=GpuPolicy)
 
     def __post_init__(self) -> None:
         unknown = self.relax - RELAXABLE.keys()

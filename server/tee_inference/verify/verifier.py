@@ -13,12 +13,13 @@ we trust (quote and GPU chains), now (the caller's nonce) — unless the caller 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from cryptography import x509
 
+from tee_inference.attestation.nvidia_devices import DeviceIdentity, duplicate_devices
 from tee_inference.attestation.nvidia_payload import NvidiaPayload
 from tee_inference.attestation.nvidia_spdm import GpuAttestationError
 from tee_inference.attestation.report import AttestationReport
@@ -44,6 +45,9 @@ class _Evidence:
     now: int | None
     nras_client: Any
     tls_layout: bool | None = None
+    rims: tuple[Any, ...] = ()
+    rim_client: Any = None
+    ocsp_client: Any = None
 
 
 @dataclass(frozen=True)
@@ -53,7 +57,7 @@ class NodeResult:
     checks: tuple[CheckResult, ...]
     simulated: bool
     attested: dict[str, Any] = field(default_factory=dict)
-    devices: tuple[str, ...] = ()
+    identities: tuple[DeviceIdentity, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -117,6 +121,9 @@ class Verifier:
         pccs_url: str | None = None,
         now: int | None = None,
         nras_client: Any = None,
+        rims: Sequence[Any] = (),
+        rim_client: Any = None,
+        ocsp_client: Any = None,
     ) -> VerificationResult:
         """A whole SPEC §3 report. ``nonce`` is the one you sent; ``signing_algo`` the one you asked.
 
@@ -131,8 +138,9 @@ class Verifier:
         if collateral is None and pccs_url:
             collateral = fetch_collateral(pccs_url, _raw(parsed.intel_quote))  # pragma: no cover - network
         evidence = _Evidence(
-            parsed.request_nonce if nonce is None else nonce, model, collateral, now, nras_client, tls_layout
-        )
+            parsed.request_nonce if nonce is None else nonce, model, collateral, now, nras_client, tls_layout,
+            tuple(rims), rim_client, ocsp_client,
+        )  # fmt: skip
         checks = [fmt, rp.check_signing_algo(parsed, signing_algo), rp.check_freshness(parsed, nonce)]
         primary = self._verify_node(parsed, policy, evidence)
         checks += primary.checks
@@ -173,7 +181,10 @@ class Verifier:
         checks += rp.check_runtime_claims(node, claims, e.model)
         checks.append(rp.check_tls_fingerprint(node, claims))
         checks.append(_measurements(policy, measured, claims))
-        gc = check_gpu(node.nvidia_payload, e.nonce, policy, nvidia_root=self.nvidia_root)
+        gc = check_gpu(
+            node.nvidia_payload, e.nonce, policy, nvidia_root=self.nvidia_root, rims=e.rims,
+            rim_client=e.rim_client, ocsp_client=e.ocsp_client, now=e.now,
+        )  # fmt: skip
         checks += gc.checks
         if e.nras_client is not None and node.nvidia_payload:
             checks.append(check_nras(node.nvidia_payload, e.nonce, e.nras_client))  # pragma: no cover
@@ -207,8 +218,7 @@ class Verifier:
         }
         if measured is not None:
             attested["measured"] = measured.summary()
-        devices = tuple(getattr(gc, "devices", ()))
-        return NodeResult(tuple(checks), qc.simulated or gc.simulated, attested, devices)
+        return NodeResult(tuple(checks), qc.simulated or gc.simulated, attested, gc.identities)
 
     def _other_nodes(
         self, parsed: AttestationReport, policy: VerificationPolicy, e: _Evidence, primary: NodeResult
@@ -218,7 +228,7 @@ class Verifier:
         first = f"{blocking[0].name}: {blocking[0].detail}" if blocking else ""
         out = [(f"this node ({parsed.signing_address})", not blocking, first, primary.attested)]
         quotes = {parsed.intel_quote}
-        devices = set(primary.devices)
+        devices = [("this node", identity) for identity in primary.identities]
         self_seen = False
         for index, node in enumerate(parsed.all_attestations):
             if node.node_dict() == parsed.node_dict() and not self_seen:
@@ -230,12 +240,13 @@ class Verifier:
                 continue
             quotes.add(node.intel_quote)
             result = self._verify_node(node, policy, e)
-            shared = devices & set(result.devices)
-            devices |= set(result.devices)
+            mine = [(label, identity) for identity in result.identities]
+            shared = [p for p in duplicate_devices([*devices, *mine]) if p.startswith(label)]
+            devices += mine
             blocking = VerificationResult(result.checks, policy.relax).blocking
             problem = f"{blocking[0].name}: {blocking[0].detail}" if blocking else ""
             if shared and not problem:
-                problem = f"gpu_distinct: shares GPU(s) {', '.join(sorted(shared))} with another node"
+                problem = f"gpu_distinct: {'; '.join(shared)}: two nodes cannot hold one GPU"
             out.append((label, not problem, problem, result.attested))
         return out
 

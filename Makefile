@@ -9,7 +9,7 @@ MODEL_DIR := build/models/SmolLM2-135M-Instruct
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run run-fake test test-slow lint bench engine model lock clean image reproduce measurements \
+.PHONY: run run-tls run-fake test test-slow lint bench engine model lock clean image reproduce measurements \
 	measurements-check pin-base nvsdk-env
 
 # The image this tree builds, as measurements/expected.json records it: `make run` claims it so that
@@ -21,6 +21,13 @@ IMAGE_DIGEST = $(shell $(PYTHON) -c 'import json; print(json.load(open("measurem
 ## image/app-compose.json).
 run: engine model
 	$(ENGINE_VENV)/bin/tee-inference serve --engine vllm --tee simulated \
+		--simulated-compose image/app-compose.json --image-digest $(IMAGE_DIGEST) \
+		--model $(MODEL_DIR) --host $(HOST) --port $(PORT)
+
+## make run-tls: make run with TLS inside the serving process (self-signed, key made at boot, bound
+## to every report); it prints the certificate's SPKI fingerprint.
+run-tls: engine model
+	$(ENGINE_VENV)/bin/tee-inference serve --engine vllm --tee simulated --tls self-signed \
 		--simulated-compose image/app-compose.json --image-digest $(IMAGE_DIGEST) \
 		--model $(MODEL_DIR) --host $(HOST) --port $(PORT)
 

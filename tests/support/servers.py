@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 
@@ -21,14 +22,21 @@ def free_port() -> int:
 
 
 @contextmanager
-def running(app: ASGIApp, *, uds: Path | None = None, lifespan: str = "on") -> Iterator[str]:
-    """Serve `app` with uvicorn on a free loopback port (or a Unix socket); yields its URL."""
+def running(
+    app: ASGIApp, *, uds: Path | None = None, lifespan: str = "on", port: int | None = None, **options: Any
+) -> Iterator[str]:
+    """Serve `app` with uvicorn on a free loopback port (or a Unix socket); yields its URL.
+
+    `options` go to `uvicorn.Config` (for instance `http=` a protocol class, `limit_concurrency`).
+    """
     if uds is None:
-        port = free_port()
-        config = uvicorn.Config(app, host="127.0.0.1", port=port, lifespan=lifespan, log_level="warning")
+        port = port or free_port()
+        config = uvicorn.Config(
+            app, host="127.0.0.1", port=port, lifespan=lifespan, log_level="warning", **options
+        )
         url = f"http://127.0.0.1:{port}"
     else:
-        config = uvicorn.Config(app, uds=str(uds), lifespan=lifespan, log_level="warning")
+        config = uvicorn.Config(app, uds=str(uds), lifespan=lifespan, log_level="warning", **options)
         url = f"unix:{uds}"
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)

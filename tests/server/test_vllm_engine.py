@@ -64,6 +64,9 @@ def vllm_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPat
                     pass
                 time.sleep(1)
             yield url
+            # Our structured access line, inside vLLM too (vLLM configures only its own loggers).
+            text = log.read_text(errors="replace")
+            assert '"request":"access"' in text and '"route":"/v1/chat/completions"' in text, text[-3000:]
         finally:
             os.killpg(process.pid, 15)
             try:
@@ -150,3 +153,32 @@ def test_metrics_combine_vllms_and_ours(vllm_server: str) -> None:
     text = httpx.get(vllm_server + "/metrics", timeout=30).text
     assert "vllm:" in text  # the engine's own metrics, in-process or proxied
     assert "tee_inference_requests_total" in text
+
+
+def test_vllm_never_takes_a_client_chosen_id(vllm_server: str) -> None:
+    chat = {"model": MODEL, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}
+    with httpx.Client(base_url=vllm_server, timeout=120) as client:
+        ids = [client.post("/v1/chat/completions", json=chat, headers={"x-request-id": "victim"}).json()["id"]
+               for _ in range(2)]  # fmt: skip
+        assert ids[0] != ids[1] and "victim" not in ids[0]
+        refused = client.post("/v1/chat/completions", json={**chat, "request_id": "victim"})
+        assert refused.status_code == 400 and refused.json()["error"]["code"] == "request_id_not_allowed"
+
+
+def test_vllm_stream_inband_signature_before_done(vllm_server: str) -> None:
+    raw = json.dumps({"model": MODEL, "max_tokens": 6, "stream": True,
+                      "messages": [{"role": "user", "content": "hi"}]}).encode()  # fmt: skip
+    with httpx.Client(base_url=vllm_server, timeout=120) as client:
+        with client.stream("POST", "/v1/chat/completions", content=raw,
+                           headers={"content-type": "application/json", "x-signature-inband": "1"}) as r:  # fmt: skip
+            received = b"".join(r.iter_raw())
+        before, _, after = received.partition(b"\n: signature ")
+        line, _, rest = after.partition(b"\n\n")
+        assert rest == b"data: [DONE]\n\n"
+        document = json.loads(line)
+        engine_bytes = before + b"\n" + rest
+        import hashlib
+
+        text = f"{hashlib.sha256(raw).hexdigest()}:{hashlib.sha256(engine_bytes).hexdigest()}"
+        assert document["text"] == text
+        assert client.get(f"/v1/signature/{document['id']}").json()["text"] == text

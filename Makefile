@@ -9,7 +9,7 @@ MODEL_DIR := build/models/SmolLM2-135M-Instruct
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run run-tls run-fake test test-slow lint bench engine model lock clean image reproduce measurements \
+.PHONY: run run-tls run-fake test test-slow fuzz soak lint bench engine model lock clean image reproduce measurements \
 	measurements-check pin-base nvsdk-env
 
 # The image this tree builds, as measurements/expected.json records it: `make run` claims it so that
@@ -43,6 +43,15 @@ test: $(VENV)/.stamp lint
 test-slow: $(VENV)/.stamp engine model
 	TEE_INFERENCE_ENGINE_VENV=$(abspath $(ENGINE_VENV)) TEE_INFERENCE_TEST_MODEL=$(abspath $(MODEL_DIR)) \
 		$(BIN)/pytest -m slow -p no:cacheprovider
+
+## make fuzz: the property and schemathesis tests with many examples (CI runs it; a few minutes).
+fuzz: $(VENV)/.stamp
+	HYPOTHESIS_PROFILE=deep $(BIN)/pytest -m "fuzz or not slow" -p no:cacheprovider tests/fuzz
+
+## make soak: thousands of concurrent signed streams on loopback with random disconnects; prints
+## requests, concurrency, disconnects, lost, mismatched and the server's RSS at start and end.
+soak: $(VENV)/.stamp
+	$(BIN)/python tests/load/soak.py --streams 5000 --concurrency 2000 --seconds 240
 
 lint: $(VENV)/.stamp
 	$(BIN)/ruff check server tests image measurements

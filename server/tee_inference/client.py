@@ -125,6 +125,7 @@ class ResponseChecker:
         self.partial = b""
         self.tail = b""
         self.inband: dict[str, Any] | None = None
+        self.skip_blank = False
         self.done = False
 
     @property
@@ -159,8 +160,14 @@ class ResponseChecker:
         self.partial = lines.pop()  # an unterminated line waits for its end
         for line in lines:
             raw = line + b"\n"
+            if self.skip_blank:
+                # The in-band comment is its own SSE block: its closing blank line is not the engine's.
+                self.skip_blank = False
+                if not line:
+                    continue
             if line.startswith(_INBAND_PREFIX) and self.inband is None:
                 self.inband = self._parse_inband(line[len(_INBAND_PREFIX) :])
+                self.skip_blank = True
                 continue
             self.hash.update(raw)
             self.scanner.feed(raw)
@@ -238,7 +245,7 @@ class ResponseChecker:
     @staticmethod
     def _signature(record: Mapping[str, Any], algo: str) -> str:
         if algo == "ed25519":
-            value = record.get("ed25519") or (
+            value = record.get("ed25519") or record.get("signature_ed25519") or (
                 record.get("signature") if record.get("signing_algo") == "ed25519" else None
             )
         else:

@@ -60,6 +60,25 @@ class ServerConfig(BaseModel):
     # A non-streaming body is held until it ends so its signature can go in the headers;
     # past this size it is forwarded as it comes (still signed and stored, no headers).
     max_held_response_bytes: int = Field(default=32 << 20, gt=0)
+    # Everything a client can make the server hold or wait for is bounded (docs/api.md, "Limits").
+    # Request-body bytes held across all connections at once; past it: 429 `server_busy`.
+    max_inflight_request_bytes: int = Field(default=256 << 20, gt=0)
+    # From the request's headers to the last body byte; past it: 408 and the connection closes.
+    body_timeout_s: float = Field(default=30.0, gt=0)
+    # Completions in flight, and the engine's recent time to first token; past either: 429.
+    max_inflight_completions: int = Field(default=512, gt=0)
+    max_ttft_s: float | None = Field(default=None, gt=0)
+    # What the signing layer waits for the engine: its model list, health, version and metrics,
+    # and (proxy) the response headers of a completion (vLLM sends a whole body's only at its end).
+    engine_timeout_s: float = Field(default=10.0, gt=0)
+    engine_response_timeout_s: float = Field(default=900.0, gt=0)
+    # The transport (tee-inference's own uvicorn; vLLM's in-process server has its own settings).
+    max_connections: int = Field(default=4096, gt=0)
+    headers_timeout_s: float = Field(default=10.0, gt=0)
+    keep_alive_timeout_s: float = Field(default=5.0, gt=0)
+    max_header_bytes: int = Field(default=32 << 10, ge=1024)
+    # Collecting one attestation report (quote, GPU evidence); past it: 503, completions go on.
+    report_timeout_s: float = Field(default=20.0, gt=0)
 
     @model_validator(mode="after")
     def _consistent(self) -> ServerConfig:

@@ -46,12 +46,33 @@ _CODES: dict[int, str] = {
 }
 
 
+# Errors that asking again cannot fix, although their status is one the OpenAI SDK retries (it
+# retries 408, 409, 429 and every 5xx unless the answer says `x-should-retry: false`).
+_PERMANENT_CODES = frozenset({"not_available"})
+
+
+def should_retry(status: int, code: str) -> bool:
+    """Whether a client may usefully send the same request again (load, timeouts, a sick engine)."""
+    if status in (408, 409, 429):
+        return True
+    return status >= 500 and code not in _PERMANENT_CODES
+
+
+def error_headers(status: int, code: str) -> list[tuple[bytes, bytes]]:
+    """`x-should-retry: false` on a permanent error, so that no SDK retries it three times."""
+    return [] if should_retry(status, code) else [(b"x-should-retry", b"false")]
+
+
 def error_type(status: int) -> str:
     return _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
 
 
 def default_code(status: int) -> str:
-    return _CODES.get(status, HTTPStatus(status).phrase.lower().replace(" ", "_"))
+    if status in _CODES:
+        return _CODES[status]
+    if status in HTTPStatus._value2member_map_:
+        return HTTPStatus(status).phrase.lower().replace(" ", "_")
+    return "error"
 
 
 def error_payload(
@@ -82,7 +103,9 @@ def error_body(
     type_: str | None = None,
 ) -> bytes:
     payload = error_payload(status, message, code=code, param=param, type_=type_)
-    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    # backslashreplace: a lone surrogate (valid in a JSON string, not in UTF-8) becomes the JSON
+    # escape `\udXXX` instead of an encoding error.
+    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode("utf-8", "backslashreplace")
 
 
 def json_headers(body: bytes, extra: list[tuple[bytes, bytes]] | None = None) -> list[tuple[bytes, bytes]]:
@@ -111,10 +134,22 @@ async def send_error(
     param: str | None = None,
     extra_headers: list[tuple[bytes, bytes]] | None = None,
 ) -> None:
-    await send_json(send, status, error_body(status, message, code=code, param=param), extra_headers)
+    code = code or default_code(status)
+    body = error_body(status, message, code=code, param=param)
+    await send_json(send, status, body, [*error_headers(status, code), *(extra_headers or [])])
+
+
+async def send_normalized_error(send: Send, status: int, body: bytes) -> None:
+    """Answer an engine's (or a framework's) error body as the envelope, with its retry header."""
+    envelope, code = normalize_error(status, body)
+    await send_json(send, status, envelope, error_headers(status, code))
 
 
 def normalize_error_body(status: int, body: bytes) -> bytes:
+    return normalize_error(status, body)[0]
+
+
+def normalize_error(status: int, body: bytes) -> tuple[bytes, str]:
     """Rewrite any error body (vLLM's, Starlette's plain text, FastAPI's `detail`) into the envelope.
 
     Only the message is kept from foreign shapes, and only when it is a short string: a
@@ -125,7 +160,7 @@ def normalize_error_body(status: int, body: bytes) -> bytes:
     param: str | None = None
     try:
         value = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):
         value = None
     if isinstance(value, dict):
         nested = value.get("error")
@@ -140,4 +175,5 @@ def normalize_error_body(status: int, body: bytes) -> bytes:
             param = inner["param"]
     if message is None or len(message) > 2000:
         message = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "error"
-    return error_body(status, message, code=code, param=param)
+    code = code or default_code(status)
+    return error_body(status, message, code=code, param=param), code

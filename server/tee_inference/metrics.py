@@ -64,6 +64,22 @@ class ServingMetrics:
             ["reason"],
             registry=self.registry,
         )
+        self.store_collisions = Counter(
+            "tee_inference_signature_id_collisions",
+            "Signatures not stored because their id was already held (the first record is kept)",
+            registry=self.registry,
+        )
+        self.shed = Counter(
+            "tee_inference_shed_requests",
+            "Completions refused with 429 before the engine, by bound (inflight, ttft, body_bytes)",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.inflight = Gauge(
+            "tee_inference_inflight_completions",
+            "Completions admitted and not yet finished",
+            registry=self.registry,
+        )
         self.store_entries = Gauge(
             "tee_inference_signature_store_entries",
             "Signatures currently held in memory",

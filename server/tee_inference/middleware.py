@@ -1,4 +1,4 @@
-"""The request path: auth, the confidential gate, and signing of every completion.
+"""The request path: auth, the confidential gate, admission, and signing of every completion.
 
 `SigningMiddleware` is a pure ASGI middleware that works in both deployments:
 
@@ -7,17 +7,20 @@
 - in front of the standalone proxy or the fake engine, in `tee-inference serve`.
 
 Read top to bottom: `SigningMiddleware.__call__` routes a request; completions go through a
-per-request `SignedExchange`, which reads and hashes the request body, applies the gate,
-and wraps `send` so that each response byte is hashed as it passes. When the response
-ends, `sha256(request):sha256(response)` is signed with both algorithms and stored under
-the completion id. Streams pass through untouched and unbuffered; a non-streaming body is
-held until it ends so its signature can travel in the response headers.
+per-request `SignedExchange`, which reads and hashes the request body (bounded in size, time
+and bytes held across connections), applies the gate and admission control, and wraps `send`
+so that each response byte is hashed as it passes. The completion id is the engine's own
+random one: a client's `X-Request-Id` is stripped and a body `request_id` refused. Before the
+last bytes are released (a stream's `data: [DONE]`, a JSON body's end),
+`sha256(request):sha256(response)` is signed with both algorithms and stored under the id, so
+a client that holds the whole answer can always fetch its signature. Streams pass through
+unbuffered; a non-streaming body is held until it ends so its signature can travel in the
+response headers.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import re
 import time
@@ -27,11 +30,20 @@ from typing import Final
 from tee_inference import routes
 from tee_inference.asgi import ASGIApp, Message, Receive, Scope, Send, header
 from tee_inference.config import ServerConfig
-from tee_inference.envelope import error_body, normalize_error_body, send_error, send_json
+from tee_inference.envelope import error_body, send_error, send_json, send_normalized_error
 from tee_inference.handoff import services_for_process
+from tee_inference.intake import Intake
+from tee_inference.observe import Observed, ensure_log_handler
+from tee_inference.routes import RouteTable
 from tee_inference.services import Services
 from tee_inference.signing import CompletionSignature
-from tee_inference.sse import StreamIdScanner, completion_id_from_json
+from tee_inference.sse import (
+    DONE_EVENT,
+    DoneSplitter,
+    StreamIdScanner,
+    completion_fields_from_json,
+    inband_comment,
+)
 
 log = logging.getLogger("tee_inference.middleware")
 
@@ -41,11 +53,7 @@ GET, POST, ANY = frozenset({"GET"}), frozenset({"POST"}), frozenset[str]()
 
 
 async def completion(req: routes.Request) -> None:
-    await SignedExchange(req.services, req.app, req.scope, req.send).run(req.receive)
-
-
-async def engine(req: routes.Request) -> None:
-    await ErrorNormalizer(req.send).run(req.app, req.scope, req.receive)
+    await SignedExchange(req.services, req.app, req.scope, req.send, req.observed).run(req.receive)
 
 
 # Every route that exists. Anything else the engine might expose (tokenizer, pooling, adapters,
@@ -60,7 +68,7 @@ ROUTES: Final[tuple[routes.Route, ...]] = (
     routes.Route("/metrics", GET, routes.metrics, "/metrics"),
     routes.Route("/v1/tls/csr", GET, routes.tls_csr, "/v1/tls/csr"),
     routes.Route("/v1/tls/certificate", POST, routes.tls_certificate, "/v1/tls/certificate"),
-    routes.Route("/version", GET, engine, "/version"),
+    routes.Route("/version", GET, routes.engine, "/version"),
     routes.Route("/health", frozenset({"GET", "HEAD"}), routes.health, "/health", public=True),
     # Modalities this server does not offer confidentially: refused, never forwarded.
     *(
@@ -70,25 +78,14 @@ ROUTES: Final[tuple[routes.Route, ...]] = (
 )
 
 
-class RouteTable:
-    """Exact paths by dictionary, prefixes in table order: `match` is O(1) for every hot route."""
-
-    def __init__(self, table: tuple[routes.Route, ...]) -> None:
-        self.exact = {r.path: r for r in table if not r.prefix}
-        self.prefixes = tuple(r for r in table if r.prefix)
-
-    def match(self, path: str) -> routes.Route | None:
-        route = self.exact.get(path)
-        if route is None:
-            route = next((r for r in self.prefixes if path.startswith(r.path)), None)
-        return route
-
-
 class SigningMiddleware:
     def __init__(self, app: ASGIApp, config: ServerConfig | None = None, *, services: Services | None = None):
         self.app = app
-        # vLLM constructs us with the app alone: the configuration comes from the environment and
-        # the boot from the launcher's handoff (or, without a launcher, is run here).
+        if services is None:
+            # vLLM constructs us with the app alone: the configuration comes from the environment,
+            # the boot from the launcher's handoff (or, without a launcher, is run here), and our
+            # log lines need a handler of their own (vLLM configures only its loggers).
+            ensure_log_handler()
         self.services = services or services_for_process(config or ServerConfig.from_env())
         self.routes = RouteTable(ROUTES)
 
@@ -102,19 +99,23 @@ class SigningMiddleware:
             await self.app(scope, receive, send)  # lifespan: vLLM and the proxy need theirs
             return
         route = self.routes.match(scope["path"])
-        observed = _Observed(self.services, route.name if route else "unknown", send)
+        observed = Observed(self.services.metrics, route.name if route else "unknown", scope["method"], send)
         try:
-            await self._dispatch(route, scope, receive, observed.send)
-        except Exception:
-            # Whatever broke, the client gets the envelope (or a closed stream), never a trace.
-            log.exception("request to %s failed", observed.route)
+            await self._dispatch(route, scope, receive, observed)
+        except Exception as exc:
+            # Whatever broke, the client gets the envelope (or a closed stream), never a trace;
+            # the log line names the failure's type only (a message may quote a prompt).
+            log.error("request to %s failed: %s", observed.route, type(exc).__name__)
             if observed.status == 0:
                 await send_error(observed.send, 500, "internal error", code="internal_error")
         finally:
             observed.finish()
 
-    async def _dispatch(self, route: routes.Route | None, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _dispatch(
+        self, route: routes.Route | None, scope: Scope, receive: Receive, observed: Observed
+    ) -> None:
         """Match, authorize unless public, 404/405, call."""
+        send = observed.send
         if (route is None or not route.public) and not self.services.authorized(
             header(scope, b"authorization")
         ):
@@ -129,82 +130,35 @@ class SigningMiddleware:
             await send_error(
                 send,
                 405,
-                f"method {scope['method'][:20]} is not allowed here",
+                f"method {scope['method'][:20]!r} is not allowed here",
                 extra_headers=[(b"allow", ", ".join(sorted(route.methods)).encode())],
             )
             return
-        await route.handler(routes.Request(self.services, self.app, scope, receive, send))
-
-
-class _Observed:
-    """Counts a request's status and timings; never sees its content."""
-
-    __slots__ = ("_send", "first_byte", "metrics", "route", "started", "status")
-
-    def __init__(self, services: Services, route: str, send: Send) -> None:
-        self.metrics = services.metrics
-        self.route = route
-        self._send = send
-        self.started = time.perf_counter()
-        self.first_byte: float | None = None
-        self.status = 0
-
-    async def send(self, message: Message) -> None:
-        if message["type"] == "http.response.start":
-            self.status = int(message["status"])
-        elif self.first_byte is None and message.get("body"):
-            self.first_byte = time.perf_counter()
-            self.metrics.first_byte.labels(self.route).observe(self.first_byte - self.started)
-        await self._send(message)
-
-    def finish(self) -> None:
-        self.metrics.requests.labels(self.route, str(self.status or 499)).inc()
-        self.metrics.latency.labels(self.route).observe(time.perf_counter() - self.started)
-
-
-class ErrorNormalizer:
-    """Passes a response through, rewriting an error body into the one envelope."""
-
-    def __init__(self, send: Send) -> None:
-        self.send = send
-        self.start: Message | None = None
-        self.error_body = bytearray()
-
-    async def run(self, app: ASGIApp, scope: Scope, receive: Receive) -> None:
-        await app(scope, receive, self.send_normalized)
-
-    async def send_normalized(self, message: Message) -> None:
-        if message["type"] == "http.response.start" and int(message["status"]) >= 400:
-            self.start = message
-            return
-        if self.start is None or message["type"] != "http.response.body":
-            await self.send(message)
-            return
-        self.error_body += message.get("body", b"")
-        if len(self.error_body) > _ERROR_BODY_LIMIT:
-            # Not an error document we could rewrite; drop it rather than leak a trace.
-            self.error_body = bytearray(b"{}")
-        if not message.get("more_body", False):
-            status = int(self.start["status"])
-            await send_json(self.send, status, normalize_error_body(status, bytes(self.error_body)))
+        await route.handler(routes.Request(self.services, self.app, scope, receive, send, observed))
 
 
 class SignedExchange:
-    """One completion request: read and gate the request, then sign the response as it passes.
+    """One completion request: read, gate and admit the request, then sign the response as it passes.
 
+    The request side (body, gate, admission) is `intake.Intake`; this class is the response side.
     Response modes, chosen by the engine's response start:
-    - `stream` (text/event-stream): every body message is hashed and forwarded at once;
-    - `held` (a JSON body): messages are kept until the body ends, then sent with the
-      `X-Signature*` headers; past `max_held_response_bytes` it turns into `stream`;
+    - `stream` (text/event-stream): body bytes are hashed and forwarded at once, except the final
+      `data: [DONE]` event, which is hashed, signed and stored before it is forwarded;
+    - `held` (a JSON body): messages are kept until the body ends, then signed, stored and sent
+      with the `X-Signature*` headers; past `max_held_response_bytes` it turns into `stream`;
     - `error` (status 400 and up): the body becomes the error envelope, unsigned;
     - `passthrough` (any other status but 200): forwarded as it is, unsigned.
     """
 
-    def __init__(self, services: Services, app: ASGIApp, scope: Scope, send: Send) -> None:
+    def __init__(
+        self, services: Services, app: ASGIApp, scope: Scope, send: Send, observed: Observed
+    ) -> None:
         self.services = services
+        self.config = services.config
         self.app = app
         self.scope = scope
         self.client_send = send
+        self.observed = observed
         self.request_hash = hashlib.sha256()
         self.response_hash = hashlib.sha256()
         self.mode = ""
@@ -212,30 +166,52 @@ class SignedExchange:
         self.held: list[bytes] = []
         self.held_size = 0
         self.scanner: StreamIdScanner | None = None
+        self.splitter: DoneSplitter | None = None
+        self.inband = header(scope, b"x-signature-inband") in (b"1", b"true")
         self.completion_id: str | None = None
+        self.admitted_at = 0.0
         self.client_started = False
-        self.finished = False
+        self.signed = False  # signed and stored: nothing the client can still receive is unsigned
+        self.closed = False  # the final body message went to the client
         self.client_gone = False
 
     # -- request ---------------------------------------------------------------------------
 
     async def run(self, receive: Receive) -> None:
-        body = await self.read_body(receive)
-        if body is None or not await self.gate(body):
-            return
+        intake = Intake(self.services, self.app, self.scope, self.client_send)
         try:
-            await self.app(self.scope, self.replay(body, receive), self.on_engine_message)
+            body = await intake.read_body(receive)
+            if body is None or not await intake.gate(body) or not await intake.admit():
+                return
+            self.request_hash = intake.request_hash
+            self.admitted_at = intake.admitted_at
+            try:
+                await self.call_engine(body, receive)
+            finally:
+                self.services.admission.release()
+        finally:
+            intake.release_body()
+            self.observed.signed = self.signed if self.mode in ("stream", "held") else None
+
+    async def call_engine(self, body: bytes, receive: Receive) -> None:
+        # vLLM builds the completion id from `X-Request-Id`: the engine never sees one.
+        headers = [(k, v) for k, v in self.scope["headers"] if k != b"x-request-id"]
+        scope = {**self.scope, "headers": headers}
+        try:
+            await self.app(scope, self.replay(body, receive), self.on_engine_message)
         except Exception as exc:
             if self.client_gone:
-                self.services.metrics.unsigned.labels("client_disconnected").inc()
+                self.count_unsigned_disconnect()
                 raise
             log.error("engine failed during %s: %s", self.scope["path"], type(exc).__name__)
             await self.engine_failed()
             return
         if self.client_gone:
-            self.services.metrics.unsigned.labels("client_disconnected").inc()
-        elif not self.finished:
+            self.count_unsigned_disconnect()
+        elif not self.signed:
             await self.engine_failed()
+        elif not self.closed:
+            await self.forward({"type": "http.response.body", "body": b"", "more_body": False})
 
     def replay(self, body: bytes, receive: Receive) -> Receive:
         """Give the engine the body we already read, then the real channel (for disconnects)."""
@@ -247,67 +223,13 @@ class SignedExchange:
                 delivered = True
                 return {"type": "http.request", "body": body, "more_body": False}
             message = await receive()
-            if message["type"] == "http.disconnect":
+            # After the answer is complete, uvicorn reports a disconnect to whoever still listens
+            # (the proxy does): that is the end of the exchange, not a client leaving.
+            if message["type"] == "http.disconnect" and not self.closed:
                 self.client_gone = True
             return message
 
         return replayed
-
-    async def read_body(self, receive: Receive) -> bytes | None:
-        limit = self.services.config.max_request_bytes
-        declared = header(self.scope, b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > limit):
-            await send_error(self.client_send, 413, f"request body larger than {limit} bytes")
-            return None
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return None
-            chunk: bytes = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                await send_error(self.client_send, 413, f"request body larger than {limit} bytes")
-                return None
-            self.request_hash.update(chunk)
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(chunks)
-
-    async def gate(self, body: bytes) -> bool:
-        """Only well-formed requests for a served, attested model reach the engine."""
-        content_type = (header(self.scope, b"content-type") or b"").split(b";")[0].strip().lower()
-        if content_type != b"application/json":
-            await send_error(self.client_send, 415, "send the request body as application/json")
-            return False
-        try:
-            request = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            await send_error(self.client_send, 400, "request body is not valid JSON", code="invalid_json")
-            return False
-        if not isinstance(request, dict):
-            await send_error(self.client_send, 400, "request body must be a JSON object", code="invalid_json")
-            return False
-        model = request.get("model")
-        if not isinstance(model, str):
-            await send_error(self.client_send, 400, "'model' is required and must be a string", param="model")
-            return False
-        served = await self.services.models.names(self.app, self.scope)
-        if served is None:
-            await send_error(self.client_send, 503, "the engine is not ready yet", code="engine_unavailable")
-            return False
-        if model not in served:
-            self.services.metrics.gate_rejections.labels("model_not_confidential").inc()
-            await send_error(
-                self.client_send,
-                400,
-                f"model {model[:200]!r} is not served by this confidential server",
-                code="model_not_confidential",
-                param="model",
-            )
-            return False
-        return True
 
     # -- response --------------------------------------------------------------------------
 
@@ -326,6 +248,8 @@ class SignedExchange:
             elif content_type.startswith(b"text/event-stream"):
                 self.mode = "stream"
                 self.scanner = StreamIdScanner()
+                self.splitter = DoneSplitter()
+                self.observed.stream_events = 0
                 await self.forward_start([(b"x-signing-address", self.signing_address)])
             else:
                 self.mode = "held"
@@ -342,28 +266,55 @@ class SignedExchange:
         elif self.mode == "error":
             await self.on_error_body(body, more)
         else:
-            self.finished = not more
+            self.signed = not more
             await self.forward(message)
 
     async def on_stream_body(self, body: bytes, more: bool) -> None:
-        self.response_hash.update(body)
+        if self.signed:
+            # After `[DONE]`: nothing more is released, since nothing more is signed.
+            if body:
+                log.warning("engine sent %d bytes after the end of a signed stream; dropped", len(body))
+            if not more:
+                await self.forward({"type": "http.response.body", "body": b"", "more_body": False})
+            return
+        if self.observed.first_byte is None and body and self.admitted_at:
+            self.services.admission.observe_first_token(time.perf_counter() - self.admitted_at)
+        ready, done = self.splitter.feed(body) if self.splitter is not None else (body, None)
+        if done is None and not more:
+            done = self.splitter.flush() if self.splitter is not None else b""
+        if ready:
+            self.account(ready)
+            await self.forward({"type": "http.response.body", "body": ready, "more_body": True})
+        if done is None:
+            return
+        # The last bytes: hash, sign and store first, then release them.
+        last = done[: len(DONE_EVENT)] if done.startswith(DONE_EVENT) else done
+        if len(last) < len(done):
+            log.warning("engine sent %d bytes after [DONE]; dropped", len(done) - len(last))
+        self.account(last)
         if self.scanner is not None:
-            self.scanner.feed(body)
-        await self.forward({"type": "http.response.body", "body": body, "more_body": more})
-        if not more:
-            self.finished = True
-            if self.scanner is not None:
-                self.completion_id = self.scanner.completion_id
-            await self.sign_and_store()
+            self.completion_id = self.scanner.completion_id
+        signature = await self.sign_and_store()
+        if self.inband:
+            comment = inband_comment(self.completion_id, signature)
+            await self.forward({"type": "http.response.body", "body": comment, "more_body": True})
+        await self.forward({"type": "http.response.body", "body": last, "more_body": more})
+
+    def account(self, data: bytes) -> None:
+        """Every byte the client will get (the in-band comment aside) goes through here, in order."""
+        self.response_hash.update(data)
+        if self.scanner is not None:
+            self.scanner.feed(data)
+        if self.observed.stream_events is not None:
+            self.observed.stream_events += data.count(b"\n\n")
 
     async def on_held_body(self, body: bytes, more: bool) -> None:
         self.response_hash.update(body)
         self.held.append(body)
         self.held_size += len(body)
         if not more:
-            self.finished = True
             whole = b"".join(self.held)
-            self.completion_id = completion_id_from_json(whole)
+            self.completion_id, self.observed.completion_tokens = completion_fields_from_json(whole)
             signature = await self.sign_and_store()
             await self.forward_start(
                 [
@@ -376,7 +327,7 @@ class SignedExchange:
                 ]
             )
             await self.forward({"type": "http.response.body", "body": whole, "more_body": False})
-        elif self.held_size > self.services.config.max_held_response_bytes:
+        elif self.held_size > self.config.max_held_response_bytes:
             # Too big to hold: send what we have and stream the rest; the id leads vLLM's JSON.
             match = _LEADING_ID.match(self.held[0] if len(self.held) == 1 else b"".join(self.held[:4]))
             self.mode = "stream"
@@ -390,40 +341,50 @@ class SignedExchange:
             self.held.append(body)
             self.held_size += len(body)
         if not more:
-            self.finished = True
             assert self.start is not None
             status = int(self.start["status"])
             text = b"".join(self.held) if self.held_size <= _ERROR_BODY_LIMIT else b"{}"
             self.client_started = True
-            await self.guarded(
-                lambda: send_json(self.client_send, status, normalize_error_body(status, text))
-            )
+            await self.guarded(lambda: send_normalized_error(self.client_send, status, text))
+            self.closed = True
 
     async def engine_failed(self) -> None:
         """The engine broke: an envelope if nothing was sent yet, else a final error event."""
         if not self.client_started:
             body = error_body(500, "the engine failed to produce a response", code="engine_error")
             await self.guarded(lambda: send_json(self.client_send, 500, body))
+            self.closed = True
             return
-        if self.mode == "stream" and not self.finished:
+        if self.mode == "stream" and not self.signed:
             event = (
                 b"data: "
                 + error_body(500, "the engine failed during the stream", code="engine_error")
                 + b"\n\n"
             )
             await self.on_stream_body(event, more=False)
+        elif not self.closed:
+            await self.forward({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def sign_and_store(self) -> CompletionSignature:
         started = time.perf_counter()
         signature = self.services.signer.sign(self.request_hash.hexdigest(), self.response_hash.hexdigest())
         metrics = self.services.metrics
         metrics.signing_seconds.observe(time.perf_counter() - started)
+        self.signed = True
+        self.observed.completion_id = self.completion_id
         if self.completion_id is None:
             metrics.unsigned.labels("no_completion_id").inc()
-        else:
-            await self.services.store.put(self.completion_id, signature)
+        elif await self.services.store.put(self.completion_id, signature):
             metrics.signatures.inc()
+        else:
+            # Held already (never replaced) or not an id the signature route could serve.
+            log.warning("signature not stored: its completion id is already held or not fetchable")
+            metrics.unsigned.labels("id_not_stored").inc()
         return signature
+
+    def count_unsigned_disconnect(self) -> None:
+        if not self.signed:
+            self.services.metrics.unsigned.labels("client_disconnected").inc()
 
     # -- to the client ---------------------------------------------------------------------
 
@@ -442,6 +403,8 @@ class SignedExchange:
 
     async def forward(self, message: Message) -> None:
         await self.guarded(lambda: self.client_send(message))
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            self.closed = True
 
     async def guarded(self, action: Callable[[], Awaitable[None]]) -> None:
         try:

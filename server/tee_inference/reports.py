@@ -4,6 +4,11 @@ Collection talks to the kernel, a socket or NVML and can take seconds, so it run
 worker threads, never on the event loop. Identical concurrent requests share one
 collection; a caller's nonce is only ever answered with a report for that nonce; reports
 for a server-chosen nonce may be reused for a short time.
+
+A trust root that fails, hangs or times out (an NVML init that never returns) costs one
+report a 503 within `collection_timeout_s`, never the event loop or the completions: the
+hung thread is abandoned, and at most `max_threads` of them may be outstanding before further
+reports are refused at once instead of piling up threads.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import logging
 import re
 import secrets
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,7 +27,7 @@ import anyio.to_thread
 
 from tee_inference.attestation.report import AttestationReport
 from tee_inference.attestation.report_data import report_data_for, report_data_for_tls
-from tee_inference.exceptions import TeeInferenceError
+from tee_inference.exceptions import TeeInferenceError, TrustRootError
 from tee_inference.keys import BootKeys
 from tee_inference.signing import SIGNING_ALGOS, SigningAlgo
 from tee_inference.tee import GpuProvider, TdxProvider
@@ -53,6 +59,8 @@ class AttestationService:
         server_nonce_ttl_s: float = 30.0,
         max_concurrent_collections: int = 4,
         max_pending: int = 256,
+        collection_timeout_s: float = 20.0,
+        max_threads: int = 8,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.tdx = tdx
@@ -63,6 +71,10 @@ class AttestationService:
         self.max_pending = max_pending
         self._clock = clock
         self._limiter = anyio.CapacityLimiter(max_concurrent_collections)
+        self.collection_timeout_s = collection_timeout_s
+        # Taken by each collecting thread and given back when that thread ends, even after its
+        # caller gave up on it: what bounds the threads a hanging trust root can hold.
+        self._threads = threading.BoundedSemaphore(max_threads)
         self._flights: dict[tuple[bytes | None, SigningAlgo, bool], _Flight] = {}
         self._cached: dict[tuple[SigningAlgo, bool], tuple[float, AttestationReport]] = {}
 
@@ -111,7 +123,31 @@ class AttestationService:
         self, nonce: bytes, algo: SigningAlgo, tls_layout: bool
     ) -> AttestationReport:
         async with self._limiter:
-            return await anyio.to_thread.run_sync(self.collect, nonce, algo, tls_layout)
+            if not self._threads.acquire(blocking=False):
+                raise TrustRootError("earlier evidence collections are still hanging")
+
+            def collect() -> AttestationReport:
+                try:
+                    return self.collect(nonce, algo, tls_layout)
+                finally:
+                    self._threads.release()
+
+            try:
+                with anyio.fail_after(self.collection_timeout_s):
+                    return await anyio.to_thread.run_sync(collect, abandon_on_cancel=True)
+            except TimeoutError:
+                log.error(
+                    "attestation evidence collection took longer than %.1f s", self.collection_timeout_s
+                )
+                raise TrustRootError(
+                    f"evidence collection took longer than {self.collection_timeout_s:g} s"
+                ) from None
+            except (TeeInferenceError, ValueError):
+                raise
+            except Exception as exc:
+                # A provider's own error type (an NVML or socket error): a 503, never a 500.
+                log.error("attestation evidence collection failed: %s", type(exc).__name__)
+                raise TrustRootError(f"evidence collection failed ({type(exc).__name__})") from None
 
     def collect(self, nonce: bytes, algo: SigningAlgo, tls_layout: bool = False) -> AttestationReport:
         """One report, collected synchronously (blocking calls to the providers)."""

@@ -9,22 +9,25 @@ endpoint is one row there and one handler here.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Final
 from urllib.parse import parse_qs
 
-from tee_inference.asgi import ASGIApp, Receive, Scope, Send
-from tee_inference.envelope import normalize_error_body, send_error, send_json
+import anyio
+
+from tee_inference.asgi import ASGIApp, Message, Receive, Scope, Send
+from tee_inference.envelope import send_error, send_json, send_normalized_error
 from tee_inference.exceptions import ConfigError, TrustRootError
+from tee_inference.observe import Observed
 from tee_inference.reports import ReportBusy, parse_nonce
 from tee_inference.services import Services
 from tee_inference.signing import SIGNING_ALGOS, parse_signing_algo
+from tee_inference.store import is_storable_id
 from tee_inference.subrequest import call_app
 
 SIGNATURE_PREFIX: Final = "/v1/signature/"
-_COMPLETION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,255}")
+_ERROR_BODY_LIMIT: Final = 64 << 10
 _PROMETHEUS_TEXT = b"text/plain; version=0.0.4; charset=utf-8"
 _ALGO_MESSAGE: Final = f"signing_algo must be {' or '.join(repr(a) for a in SIGNING_ALGOS)}"
 
@@ -38,6 +41,7 @@ class Request:
     scope: Scope
     receive: Receive
     send: Send
+    observed: Observed
 
     def query(self) -> dict[str, str]:
         """First value of each query parameter; malformed encodings are ignored, not fatal."""
@@ -58,6 +62,20 @@ class Route:
     name: str  # the `route` label of the metrics
     public: bool = False  # answered without the bearer token (load balancers probe /health)
     prefix: bool = False
+
+
+class RouteTable:
+    """Exact paths by dictionary, prefixes in table order: `match` is O(1) for every hot route."""
+
+    def __init__(self, table: tuple[Route, ...]) -> None:
+        self.exact = {r.path: r for r in table if not r.prefix}
+        self.prefixes = tuple(r for r in table if r.prefix)
+
+    def match(self, path: str) -> Route | None:
+        route = self.exact.get(path)
+        if route is None:
+            route = next((r for r in self.prefixes if path.startswith(r.path)), None)
+        return route
 
 
 async def check_model_param(req: Request) -> bool:
@@ -88,7 +106,7 @@ async def signature(req: Request) -> None:
     if not await check_model_param(req):
         return
     store = req.services.store
-    record = await store.get(completion_id) if _COMPLETION_ID.fullmatch(completion_id) else None
+    record = await store.get(completion_id) if is_storable_id(completion_id) else None
     if record is None:
         await send_error(
             req.send, 404, f"no signature for completion {completion_id[:64]!r}", code="signature_not_found"
@@ -142,16 +160,19 @@ async def attestation_report(req: Request) -> None:
 
 async def models(req: Request) -> None:
     """The engine's model list, with each served base model marked confidential."""
-    status, _, body = await call_app(req.app, req.scope, "GET", "/v1/models", limit=1 << 20)
+    timeout = req.services.config.engine_timeout_s
+    status, _, body = await call_app(
+        req.app, req.scope, "GET", "/v1/models", limit=1 << 20, timeout_s=timeout
+    )
     if status != 200:
-        await send_json(req.send, status if status >= 400 else 502, normalize_error_body(status, body))
+        await send_normalized_error(req.send, status if status >= 400 else 502, body)
         return
     try:
         listing = json.loads(body)
         entries = listing["data"]
         if not isinstance(entries, list):
             raise TypeError("data is not a list")
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         await send_error(req.send, 502, "the engine returned an unreadable model list")
         return
     known = await req.services.models.names(req.app, req.scope)
@@ -166,22 +187,63 @@ async def models(req: Request) -> None:
 
 async def metrics(req: Request) -> None:
     """The engine's own metrics (vLLM's, when in-process or proxied) followed by ours."""
-    status, _, engine_text = await call_app(req.app, req.scope, "GET", "/metrics", limit=16 << 20)
+    timeout = req.services.config.engine_timeout_s
+    status, _, engine_text = await call_app(
+        req.app, req.scope, "GET", "/metrics", limit=16 << 20, timeout_s=timeout
+    )
     body = (engine_text if status == 200 else b"") + req.services.metrics.render()
     await _send_body(req.send, 200, _PROMETHEUS_TEXT, body)
 
 
 async def health(req: Request) -> None:
     """200 (empty, as vLLM answers) while the engine says it is healthy, else a 503 envelope."""
-    status, _, _ = await call_app(req.app, req.scope, "GET", "/health", limit=64 << 10)
+    timeout = req.services.config.engine_timeout_s
+    status, _, _ = await call_app(req.app, req.scope, "GET", "/health", limit=64 << 10, timeout_s=timeout)
     if status != 200:
-        await send_error(req.send, 503, "the engine is not healthy", code="engine_unavailable")
+        message = "the engine did not answer in time" if status == 504 else "the engine is not healthy"
+        await send_error(
+            req.send, 503, message, code="engine_unavailable", extra_headers=[(b"retry-after", b"1")]
+        )
         return
     await _send_body(req.send, 200, b"application/json", b"")
 
 
 async def not_available(req: Request) -> None:
     await send_error(req.send, 503, "this endpoint is not offered by the confidential server")
+
+
+async def engine(req: Request) -> None:
+    """A route the engine answers itself (`/version`): its errors become the envelope."""
+    normalizer = ErrorNormalizer(req.send)
+    with anyio.move_on_after(req.services.config.engine_timeout_s) as waited:
+        await req.app(req.scope, req.receive, normalizer.send_normalized)
+    if waited.cancelled_caught and not normalizer.started:
+        await send_error(req.send, 504, "the engine did not answer in time", code="engine_timeout")
+
+
+class ErrorNormalizer:
+    """Passes a response through, rewriting an error body into the one envelope."""
+
+    def __init__(self, send: Send) -> None:
+        self.send = send
+        self.start: Message | None = None
+        self.started = False
+        self.error_body = bytearray()
+
+    async def send_normalized(self, message: Message) -> None:
+        if message["type"] == "http.response.start" and int(message["status"]) >= 400:
+            self.start = message
+            return
+        self.started = True
+        if self.start is None or message["type"] != "http.response.body":
+            await self.send(message)
+            return
+        self.error_body += message.get("body", b"")
+        if len(self.error_body) > _ERROR_BODY_LIMIT:
+            # Not an error document we could rewrite; drop it rather than leak a trace.
+            self.error_body = bytearray(b"{}")
+        if not message.get("more_body", False):
+            await send_normalized_error(self.send, int(self.start["status"]), bytes(self.error_body))
 
 
 async def _send_body(send: Send, status: int, content_type: bytes, body: bytes) -> None:

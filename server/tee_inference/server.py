@@ -41,6 +41,7 @@ from tee_inference.handoff import HandoffServer
 from tee_inference.middleware import SigningMiddleware
 from tee_inference.services import Services
 from tee_inference.tls import CIPHERS, CertificateWatcher, TlsService
+from tee_inference.transport import uvicorn_options
 
 log = logging.getLogger("tee_inference")
 
@@ -70,7 +71,11 @@ def build_app(options: ServeOptions, services: Services) -> ASGIApp:
     """The in-process ASGI app for the fake engine or a proxied upstream."""
     inner: ASGIApp
     if options.upstream is not None:
-        inner = create_proxy_app(options.upstream)
+        inner = create_proxy_app(
+            options.upstream,
+            request_timeout_s=services.config.engine_timeout_s,
+            response_timeout_s=services.config.engine_response_timeout_s,
+        )
     else:
         inner = FakeEngine(options.served_model_name, token_delay_s=options.fake_token_delay_s)
     return SigningMiddleware(inner, services=services)
@@ -111,14 +116,17 @@ def usage_banner(
     )
 
 
-def _run_uvicorn(app: ASGIApp, host: str, port: int, tls: TlsService | None = None) -> int:
+def _run_uvicorn(
+    app: ASGIApp, host: str, port: int, config: ServerConfig, tls: TlsService | None = None
+) -> int:
     factory = None
     if tls is not None:
 
         def factory(_config: uvicorn.Config, _default: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
             return tls.serve_context()
 
-    config = uvicorn.Config(
+    # The transport's limits and enveloped errors (transport.py); no access log: ours has no content.
+    uvicorn_config = uvicorn.Config(
         app,
         host=host,
         port=port,
@@ -126,8 +134,10 @@ def _run_uvicorn(app: ASGIApp, host: str, port: int, tls: TlsService | None = No
         server_header=False,
         log_level="info",
         ssl_context_factory=factory,
+        access_log=False,
+        **uvicorn_options(config),
     )
-    uvicorn.Server(config).run()
+    uvicorn.Server(uvicorn_config).run()
     return 0
 
 
@@ -168,7 +178,7 @@ def serve(options: ServeOptions) -> int:
         url = base_url.replace("http://", "https://") if tls else base_url
         banner = usage_banner(url, options.served_model_name, options.config.api_key_env, address, tls)
         print(banner, flush=True)
-        return _run_uvicorn(app, options.host, options.port, tls)
+        return _run_uvicorn(app, options.host, options.port, options.config, tls)
     finally:
         if tls is not None:
             tls.close()
@@ -226,7 +236,7 @@ def _serve_vllm(options: ServeOptions, base_url: str) -> int:
         address = services.signer.ecdsa.address
         url = base_url.replace("http://", "https://") if tls else base_url
         print(usage_banner(url, options.served_model_name, config.api_key_env, address, tls), flush=True)
-        return _run_uvicorn(app, options.host, options.port, tls)
+        return _run_uvicorn(app, options.host, options.port, config, tls)
     except KeyboardInterrupt:
         return 130
     finally:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from pydantic import SecretStr
 
+from tee_inference.admission import AdmissionControl
 from tee_inference.asgi import ASGIApp, Scope
 from tee_inference.config import ServerConfig
 from tee_inference.keys import BootKeys
@@ -29,28 +30,42 @@ if TYPE_CHECKING:
 
 
 class ServedModels:
-    """The models the gate lets through: configured, or asked of the engine once.
+    """The models the gate lets through: configured, or asked of the engine until it answers.
 
     Only base models count: adapters the engine might list (LoRA) were not measured with
-    the weights, so they are not confidential in our sense.
+    the weights, so they are not confidential in our sense. Asking is bounded: one question
+    at a time, `timeout_s` at most, and a failed answer is reused for `retry_s` so that a down
+    engine costs each request nothing; no request waits longer than one question's bound.
     """
 
-    def __init__(self, configured: tuple[str, ...]) -> None:
+    def __init__(self, configured: tuple[str, ...], *, timeout_s: float = 10.0, retry_s: float = 1.0) -> None:
         self._names: frozenset[str] | None = frozenset(configured) if configured else None
-        self._lock = anyio.Lock()
+        self.timeout_s = timeout_s
+        self.retry_s = retry_s
+        self._asking: anyio.Event | None = None
+        self._failed_at = -retry_s
 
     async def names(self, app: ASGIApp, scope: Scope) -> frozenset[str] | None:
-        """The served names, or None while the engine cannot say (not ready yet)."""
-        if self._names is not None:
+        """The served names, or None while the engine cannot say (not ready, down, or silent)."""
+        if self._names is not None or anyio.current_time() - self._failed_at < self.retry_s:
             return self._names
-        async with self._lock:
+        if self._asking is not None:
+            with anyio.move_on_after(self.timeout_s):
+                await self._asking.wait()
+            return self._names
+        self._asking = asking = anyio.Event()
+        try:
+            self._names = await self._discover(app, scope, self.timeout_s)
+        finally:
             if self._names is None:
-                self._names = await self._discover(app, scope)
+                self._failed_at = anyio.current_time()
+            self._asking = None
+            asking.set()
         return self._names
 
     @staticmethod
-    async def _discover(app: ASGIApp, scope: Scope) -> frozenset[str] | None:
-        status, _, body = await call_app(app, scope, "GET", "/v1/models", limit=1 << 20)
+    async def _discover(app: ASGIApp, scope: Scope, timeout_s: float) -> frozenset[str] | None:
+        status, _, body = await call_app(app, scope, "GET", "/v1/models", limit=1 << 20, timeout_s=timeout_s)
         if status != 200:
             return None
         try:
@@ -58,7 +73,7 @@ class ServedModels:
             names = frozenset(
                 m["id"] for m in data if isinstance(m.get("id"), str) and m.get("parent") is None
             )
-        except (ValueError, KeyError, TypeError, AttributeError):
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
             return None
         return names or None
 
@@ -70,6 +85,7 @@ class Services:
     store: SignatureStore
     metrics: ServingMetrics
     models: ServedModels
+    admission: AdmissionControl
     attestation: AttestationService
     info: dict[str, Any]
     api_key: SecretStr | None = None
@@ -91,17 +107,30 @@ class Services:
             max_entries=config.signature_max_entries,
             max_bytes=config.signature_max_bytes,
             on_evict=lambda reason: metrics.store_evictions.labels(reason).inc(),
+            on_collision=lambda _: metrics.store_collisions.inc(),
         )
         metrics.store_entries.set_function(lambda: len(store))
+        admission = AdmissionControl(
+            max_inflight=config.max_inflight_completions,
+            max_ttft_s=config.max_ttft_s,
+            max_body_bytes=config.max_inflight_request_bytes,
+        )
+        metrics.inflight.set_function(lambda: admission.inflight)
         attestation = AttestationService(
-            tdx=tdx, gpu=gpu, keys=keys, info=info, server_nonce_ttl_s=config.report_cache_ttl_s
+            tdx=tdx,
+            gpu=gpu,
+            keys=keys,
+            info=info,
+            server_nonce_ttl_s=config.report_cache_ttl_s,
+            collection_timeout_s=config.report_timeout_s,
         )
         return cls(
             config=config,
             keys=keys,
             store=store,
             metrics=metrics,
-            models=ServedModels(config.served_models),
+            models=ServedModels(config.served_models, timeout_s=config.engine_timeout_s),
+            admission=admission,
             attestation=attestation,
             info=info,
             api_key=config.api_key(),
@@ -120,8 +149,14 @@ class Services:
         }
 
     def authorized(self, authorization: bytes | None) -> bool:
-        """Constant-time bearer check; True when no token is configured."""
+        """Bearer check; True when no token is configured.
+
+        The scheme is case-insensitive (RFC 7235 §2.1) and may be followed by several spaces; the
+        token is compared in constant time (its length aside).
+        """
         if self.api_key is None:
             return True
-        expected = b"Bearer " + self.api_key.get_secret_value().encode("utf-8")
-        return hmac.compare_digest(authorization or b"", expected)
+        scheme, _, token = (authorization or b"").partition(b" ")
+        expected = self.api_key.get_secret_value().encode("utf-8")
+        token_ok = hmac.compare_digest(token.lstrip(b" "), expected)
+        return token_ok and scheme.lower() == b"bearer"

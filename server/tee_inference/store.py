@@ -2,10 +2,16 @@
 
 The interface is async so that a shared store (Redis, for several replicas behind one
 gateway) can implement it without changing the middleware.
+
+Nobody can replace, evict or hide another client's signature through its id: ids are the
+engine's own random ones (the middleware keeps clients from choosing them), `put` never
+replaces a record (put-if-absent: a second record under a held id is refused and reported),
+and only ids the signature route can fetch are stored, each counted in the byte budget.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -18,9 +24,19 @@ from tee_inference.signing import CompletionSignature
 # bound stays a bound.
 _RECORD_OVERHEAD_BYTES = 480
 
+# What `GET /v1/signature/{id}` accepts, and so what is worth storing. vLLM's ids
+# (`chatcmpl-` or `cmpl-` and 16 to 32 hex digits, `_n` suffixes for n > 1) fit easily.
+COMPLETION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,255}")
+
+
+def is_storable_id(completion_id: str) -> bool:
+    return COMPLETION_ID.fullmatch(completion_id) is not None
+
 
 class SignatureStore(Protocol):
-    async def put(self, completion_id: str, signature: CompletionSignature) -> None: ...
+    async def put(self, completion_id: str, signature: CompletionSignature) -> bool:
+        """Store unless the id is held or unfetchable; False when nothing was stored."""
+        ...
 
     async def get(self, completion_id: str) -> CompletionSignature | None: ...
 
@@ -52,6 +68,7 @@ class MemorySignatureStore:
         max_bytes: int,
         clock: Callable[[], float] = time.monotonic,
         on_evict: Callable[[str], None] | None = None,
+        on_collision: Callable[[str], None] | None = None,
     ) -> None:
         if ttl_s <= 0 or max_entries <= 0 or max_bytes <= 0:
             raise ValueError("signature store bounds must be positive")
@@ -60,6 +77,7 @@ class MemorySignatureStore:
         self.max_bytes = max_bytes
         self._clock = clock
         self._on_evict = on_evict
+        self._on_collision = on_collision
         self._records: OrderedDict[str, tuple[float, int, CompletionSignature]] = OrderedDict()
         self._bytes = 0
 
@@ -70,17 +88,22 @@ class MemorySignatureStore:
     def bytes_used(self) -> int:
         return self._bytes
 
-    async def put(self, completion_id: str, signature: CompletionSignature) -> None:
+    async def put(self, completion_id: str, signature: CompletionSignature) -> bool:
+        if not is_storable_id(completion_id):
+            return False
         now = self._clock()
+        self._expire(now)
+        if completion_id in self._records:
+            # Never last-writer-wins: the first record under an id is the one its client saw.
+            if self._on_collision is not None:
+                self._on_collision(completion_id)
+            return False
         size = record_size(completion_id, signature)
-        old = self._records.pop(completion_id, None)
-        if old is not None:
-            self._bytes -= old[1]
         self._records[completion_id] = (now + self.ttl_s, size, signature)
         self._bytes += size
-        self._expire(now)
         while len(self._records) > self.max_entries or self._bytes > self.max_bytes:
             self._drop_oldest("capacity")
+        return True
 
     async def get(self, completion_id: str) -> CompletionSignature | None:
         now = self._clock()

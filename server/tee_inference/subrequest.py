@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 
+import anyio
+
 from tee_inference.asgi import ASGIApp, Message, Scope, one_shot_receive
 
 log = logging.getLogger("tee_inference.subrequest")
@@ -18,9 +20,13 @@ class ResponseTooLarge(Exception):
 
 
 async def call_app(
-    app: ASGIApp, scope: Scope, method: str, path: str, *, limit: int
+    app: ASGIApp, scope: Scope, method: str, path: str, *, limit: int, timeout_s: float = 10.0
 ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
-    """GET-like request to `app`; returns status, headers and at most `limit` body bytes."""
+    """GET-like request to `app`; returns status, headers and at most `limit` body bytes.
+
+    An app that has not finished in `timeout_s` is cancelled and answers 504: an engine that
+    accepts and never answers must not hold a health probe or a completion's gate.
+    """
     sub_scope = {
         **scope,
         "method": method,
@@ -44,7 +50,11 @@ async def call_app(
                 raise ResponseTooLarge(path)
 
     try:
-        await app(sub_scope, one_shot_receive(b""), send)
+        with anyio.fail_after(timeout_s):
+            await app(sub_scope, one_shot_receive(b""), send)
+    except TimeoutError:
+        log.warning("internal request %s %s took longer than %.1f s", method, path, timeout_s)
+        return 504, [], b""
     except ResponseTooLarge:
         return 502, [], b""
     except Exception:

@@ -150,3 +150,49 @@ def test_auth(client: httpx.Client) -> None:
         assert_envelope(anonymous.get("/v1/nope"), 401)  # no route discovery without the token
         assert anonymous.get("/health").status_code == 200
     assert client.post("/v1/chat/completions", json=CHAT).status_code == 200
+
+
+@pytest.mark.parametrize("depth", [1_100, 1_900])
+def test_deeply_nested_json_is_a_400_not_a_recursion_trace(
+    client: httpx.Client, depth: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Within the 4 KiB body limit of this fixture; test_limits sends 100,000 levels.
+    for body in (
+        b"[" * depth + b"]" * depth,
+        b'{"model": "fake-model", "x": ' + b"[" * depth + b"]" * depth + b"}",
+    ):
+        r = client.post("/v1/chat/completions", content=body, headers=JSON)
+        error = assert_envelope(r, 400, "invalid_json")
+        assert r.headers["x-should-retry"] == "false"
+        assert "ecursion" not in error["message"]
+    assert "RecursionError" not in caplog.text and "Traceback" not in caplog.text
+
+
+@pytest.mark.parametrize("scheme", ["bearer", "BEARER", "Bearer", "bEaReR"])
+def test_the_bearer_scheme_is_case_insensitive(client: httpx.Client, scheme: str) -> None:
+    base = str(client.base_url)
+    with httpx.Client(base_url=base) as other:
+        ok = other.get("/v1/models", headers={"authorization": f"{scheme} s3cret-token"})
+        assert ok.status_code == 200, ok.text
+        # The token itself is compared exactly.
+        assert_envelope(other.get("/v1/models", headers={"authorization": f"{scheme} S3CRET-TOKEN"}), 401)
+        assert_envelope(other.get("/v1/models", headers={"authorization": f"{scheme}  s3cret-token x"}), 401)
+        assert_envelope(other.get("/v1/models", headers={"authorization": f"{scheme}s3cret-token"}), 401)
+
+
+def test_a_lone_surrogate_in_the_prompt_is_answered(client: httpx.Client) -> None:
+    # Valid JSON (an escaped lone surrogate) that no UTF-8 encoder accepts as text.
+    body = b'{"model": "fake-model", "messages": [{"role": "user", "content": "\\ud800 and \\udfff"}]}'
+    r = client.post("/v1/chat/completions", content=body, headers=JSON)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"]
+
+
+def test_permanent_errors_tell_the_sdk_not_to_retry(client: httpx.Client) -> None:
+    """The OpenAI SDK retries 5xx and 429 unless `x-should-retry: false`; 4xx it never retries."""
+    r = client.post("/v1/embeddings", json={"model": MODEL, "input": "x"})
+    assert_envelope(r, 503, "not_available")
+    assert r.headers["x-should-retry"] == "false"
+    for r in (client.get("/v1/nope"), client.post("/v1/chat/completions", content=b"{", headers=JSON)):
+        assert r.headers["x-should-retry"] == "false"
+    assert "x-should-retry" not in client.get("/v1/models").headers

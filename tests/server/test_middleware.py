@@ -11,6 +11,7 @@ import anyio
 import httpx
 import pytest
 
+from support.scripted import REQUEST, _stream_body, scripted_engine
 from support.servers import running
 from tee_inference.asgi import ASGIApp, Receive, Scope, Send
 from tee_inference.boot import boot
@@ -20,42 +21,9 @@ from tee_inference.engines.proxy import create_proxy_app
 from tee_inference.middleware import SigningMiddleware
 from tee_inference.services import Services
 from tee_inference.signing import recover_ecdsa_address
+from tee_inference.store import MemorySignatureStore
 
 MODEL = "fake-model"
-REQUEST = json.dumps(
-    {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True}
-).encode()
-
-
-def _stream_body() -> bytes:
-    reply = _Reply(completion_id="chatcmpl-feedbeef", created=7, model=MODEL, chat=True,
-                   tokens=["Héllo", " 漢字", " world."], finish="stop", prompt_tokens=3)  # fmt: skip
-    return b"".join(reply.events(include_usage=True))
-
-
-def scripted_engine(chunks: list[bytes], *, content_type: bytes = b"text/event-stream; charset=utf-8",
-                    fail_after: int | None = None) -> ASGIApp:  # fmt: skip
-    """An engine that answers every completion with exactly these body messages."""
-
-    async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            await FakeEngine()(scope, receive, send)
-            return
-        if scope["path"] == "/v1/models":
-            await FakeEngine(MODEL)(scope, receive, send)
-            return
-        while (await receive()).get("more_body"):
-            pass
-        await send(
-            {"type": "http.response.start", "status": 200, "headers": [(b"content-type", content_type)]}
-        )
-        for i, chunk in enumerate(chunks):
-            if fail_after is not None and i == fail_after:
-                raise RuntimeError("engine crashed")
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
-
-    return app
 
 
 def _call(app: ASGIApp, request: bytes = REQUEST) -> httpx.Response:
@@ -82,12 +50,14 @@ def test_every_split_of_the_stream_signs_the_same_bytes() -> None:
     services = _services()
     want_text = f"{hashlib.sha256(REQUEST).hexdigest()}:{hashlib.sha256(body).hexdigest()}"
     for cut in range(len(body) + 1):
+        services.store = MemorySignatureStore(
+            ttl_s=1800, max_entries=10, max_bytes=1 << 20
+        )  # ids never repeat
         parts = [p for p in (body[:cut], body[cut:]) if p]
         response = _call(SigningMiddleware(scripted_engine(parts), services=services))
         assert response.content == body
         record = _stored(services, "chatcmpl-feedbeef")
         assert record is not None and record.text == want_text, cut
-        anyio.run(services.store.put, "chatcmpl-feedbeef", record.__class__("", b"", b"", "", b""))
 
 
 def test_whole_stream_in_one_message_and_one_byte_messages() -> None:

@@ -69,13 +69,13 @@ def test_byte_bound_holds() -> None:
     anyio.run(scenario)
 
 
-def test_replacing_an_id_does_not_leak_bytes() -> None:
+def test_a_held_id_is_never_replaced_and_costs_nothing_more() -> None:
     async def scenario() -> None:
         store = MemorySignatureStore(ttl_s=1800, max_entries=10, max_bytes=1 << 20)
         for n in range(50):
             await store.put("same", _sig(n))
         assert len(store) == 1 and store.bytes_used == record_size("same", _sig(0))
-        assert await store.get("same") == _sig(49)
+        assert await store.get("same") == _sig(0)
 
     anyio.run(scenario)
 

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -38,18 +40,19 @@ def _paths() -> tuple[Path, Path]:
     return Path(venv), Path(model)
 
 
-@pytest.fixture(scope="module", params=["in-process", "proxy"])
-def vllm_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def _make_run_command(port: int, *extra: str) -> list[str]:
+    """`make run`'s command: a simulated dstack CVM that launched image/app-compose.json."""
     venv, model = _paths()
-    port = free_port()
-    command = [str(venv / "bin" / "tee-inference"), "serve", "--engine", "vllm", "--tee", "simulated",
-               "--model", str(model), "--port", str(port), "--build-dir", str(Path("build").resolve())]  # fmt: skip
-    if request.param == "proxy":
-        command.append("--proxy")
-    log = tmp_path_factory.mktemp("vllm") / "server.log"
+    digest = json.loads((REPO / "measurements" / "expected.json").read_text())["image_digest"][0]
+    return [str(venv / "bin" / "tee-inference"), "serve", "--engine", "vllm", "--tee", "simulated",
+            "--simulated-compose", str(REPO / "image" / "app-compose.json"), "--image-digest", digest,
+            "--model", str(model), "--port", str(port), "--build-dir", str(Path("build").resolve()), *extra]  # fmt: skip
+
+
+@contextmanager
+def _server(command: list[str], url: str, log: Path, verify: ssl.SSLContext | bool = True) -> Iterator[None]:
     with log.open("wb") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        url = f"http://127.0.0.1:{port}"
         try:
             deadline = time.monotonic() + 420
             while True:
@@ -58,18 +61,31 @@ def vllm_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPat
                 if time.monotonic() > deadline:
                     pytest.fail(f"server not healthy in time:\n{log.read_text()[-4000:]}")
                 try:
-                    if httpx.get(url + "/v1/models", timeout=2).status_code == 200:
+                    if httpx.get(url + "/v1/models", timeout=2, verify=verify).status_code == 200:
                         break
                 except httpx.HTTPError:
                     pass
                 time.sleep(1)
-            yield url
+            yield
         finally:
             os.killpg(process.pid, 15)
             try:
                 process.wait(30)
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, 9)
+
+
+@pytest.fixture(scope="module", params=["in-process", "proxy"])
+def vllm_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    port = free_port()
+    command = _make_run_command(port, *(["--proxy"] if request.param == "proxy" else []))
+    log = tmp_path_factory.mktemp("vllm") / "server.log"
+    url = f"http://127.0.0.1:{port}"
+    with _server(command, url, log):
+        yield url
+        # Our structured access line, inside vLLM too (vLLM configures only its own loggers).
+        text = log.read_text(errors="replace")
+        assert '"request":"access"' in text and '"route":"/v1/chat/completions"' in text, text[-3000:]
 
 
 @pytest.mark.parametrize(
@@ -112,20 +128,50 @@ def test_conformance_script_against_vllm(vllm_server: str) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_verifier_accepts_the_committed_weights_root(vllm_server: str, tmp_path: Path) -> None:
-    """The root in measurements/ is what the server measures at boot from the prepared model."""
-    committed = json.loads((REPO / "measurements" / "expected.json").read_text())
-    only_models = {"format": committed["format"], "models": committed["models"]}
-    (tmp_path / "models.json").write_text(json.dumps(only_models))
+def test_make_run_verifies_against_the_committed_measurements(vllm_server: str) -> None:
+    """`make run`'s server against measurements/expected.json as committed: platform, compose, image,
+    and the weights root the server measured at boot from the prepared model."""
     result = subprocess.run(
         [sys.executable, "-m", "tee_inference", "verify", "url", vllm_server, "--model", MODEL, "--allow-simulated",
-         "--expect", str(tmp_path / "models.json"), "--json"],
+         "--allow-plaintext", "--expect", str(REPO / "measurements" / "expected.json"), "--json"],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     verdict = json.loads(result.stdout)
     failed = [c for c in verdict["checks"] if c["status"] == "fail"]
     assert result.returncode == 0, failed
-    assert {c["name"]: c["status"] for c in verdict["checks"]}["measurements"] == "pass"
+    statuses = {c["name"]: c["status"] for c in verdict["checks"]}
+    assert statuses["measurements"] == "pass" and statuses["mrconfigid"] == "pass"
+    assert verdict["relaxed"] == ["tls_binding"]  # plain http on loopback, accepted by name
+
+
+def test_make_run_tls_with_the_verifying_client(tmp_path: Path) -> None:
+    """`make run-tls`: vLLM's own uvicorn ends TLS with our key (tmpfs), and the OpenAI SDK runs
+    unchanged through the verifying client, streamed and not, while verify url pins the channel."""
+    from tee_inference.client import AttestedClient
+
+    port = free_port()
+    url = f"https://127.0.0.1:{port}"
+    loose = ssl.create_default_context()
+    loose.check_hostname, loose.verify_mode = False, ssl.CERT_NONE  # only to wait for health
+    with _server(_make_run_command(port, "--tls", "self-signed"), url, tmp_path / "server.log", loose):
+        expected = REPO / "measurements" / "expected.json"
+        with AttestedClient(url, model=MODEL, expect=expected, allow_simulated=True, timeout=120) as http:
+            llm = openai.OpenAI(base_url=url + "/v1", api_key="unused", http_client=http)
+            answer = llm.chat.completions.create(
+                model=MODEL, temperature=0, max_tokens=12, messages=[{"role": "user", "content": "Capital of France?"}]
+            )  # fmt: skip
+            assert answer.choices[0].message.content
+            chunks = list(llm.chat.completions.create(
+                model=MODEL, max_tokens=8, stream=True, messages=[{"role": "user", "content": "Count to 3"}]
+            ))  # fmt: skip
+            assert chunks
+        result = subprocess.run(
+            [sys.executable, "-m", "tee_inference", "verify", "url", url, "--model", MODEL, "--allow-simulated",
+             "--expect", str(expected), "--json"], capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        verdict = json.loads(result.stdout)
+        assert result.returncode == 0, [c for c in verdict["checks"] if c["status"] == "fail"]
+        assert verdict["relaxed"] == []
 
 
 def test_engine_errors_come_back_in_the_envelope(vllm_server: str) -> None:
@@ -150,3 +196,32 @@ def test_metrics_combine_vllms_and_ours(vllm_server: str) -> None:
     text = httpx.get(vllm_server + "/metrics", timeout=30).text
     assert "vllm:" in text  # the engine's own metrics, in-process or proxied
     assert "tee_inference_requests_total" in text
+
+
+def test_vllm_never_takes_a_client_chosen_id(vllm_server: str) -> None:
+    chat = {"model": MODEL, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}
+    with httpx.Client(base_url=vllm_server, timeout=120) as client:
+        ids = [client.post("/v1/chat/completions", json=chat, headers={"x-request-id": "victim"}).json()["id"]
+               for _ in range(2)]  # fmt: skip
+        assert ids[0] != ids[1] and "victim" not in ids[0]
+        refused = client.post("/v1/chat/completions", json={**chat, "request_id": "victim"})
+        assert refused.status_code == 400 and refused.json()["error"]["code"] == "request_id_not_allowed"
+
+
+def test_vllm_stream_inband_signature_before_done(vllm_server: str) -> None:
+    raw = json.dumps({"model": MODEL, "max_tokens": 6, "stream": True,
+                      "messages": [{"role": "user", "content": "hi"}]}).encode()  # fmt: skip
+    with httpx.Client(base_url=vllm_server, timeout=120) as client:
+        with client.stream("POST", "/v1/chat/completions", content=raw,
+                           headers={"content-type": "application/json", "x-signature-inband": "1"}) as r:  # fmt: skip
+            received = b"".join(r.iter_raw())
+        before, _, after = received.partition(b"\n: signature ")
+        line, _, rest = after.partition(b"\n\n")
+        assert rest == b"data: [DONE]\n\n"
+        document = json.loads(line)
+        engine_bytes = before + b"\n" + rest
+        import hashlib
+
+        text = f"{hashlib.sha256(raw).hexdigest()}:{hashlib.sha256(engine_bytes).hexdigest()}"
+        assert document["text"] == text
+        assert client.get(f"/v1/signature/{document['id']}").json()["text"] == text

@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 
@@ -23,14 +24,21 @@ def free_port() -> int:
 
 @contextmanager
 def running(
-    app: ASGIApp, *, uds: Path | None = None, lifespan: str = "on", ssl_context: ssl.SSLContext | None = None
+    app: ASGIApp,
+    *,
+    uds: Path | None = None,
+    lifespan: str = "on",
+    port: int | None = None,
+    ssl_context: ssl.SSLContext | None = None,
+    **options: Any,
 ) -> Iterator[str]:
     """Serve `app` with uvicorn on a free loopback port (or a Unix socket); yields its URL.
 
-    With ``ssl_context`` it serves TLS (the server's own context, as `serve --tls` builds it).
+    With ``ssl_context`` it serves TLS (the server's own context, as `serve --tls` builds it);
+    `options` go to `uvicorn.Config` (for instance `http=` a protocol class, `limit_concurrency`).
     """
     if uds is None:
-        port = free_port()
+        port = port or free_port()
         factory = (lambda config, default: ssl_context) if ssl_context is not None else None
         config = uvicorn.Config(
             app,
@@ -39,10 +47,11 @@ def running(
             lifespan=lifespan,
             log_level="warning",
             ssl_context_factory=factory,
+            **options,
         )
         url = f"{'https' if ssl_context else 'http'}://127.0.0.1:{port}"
     else:
-        config = uvicorn.Config(app, uds=str(uds), lifespan=lifespan, log_level="warning")
+        config = uvicorn.Config(app, uds=str(uds), lifespan=lifespan, log_level="warning", **options)
         url = f"unix:{uds}"
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)

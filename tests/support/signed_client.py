@@ -36,12 +36,19 @@ def first_id(body: bytes, stream: bool) -> str:
     return str(json.loads(line[6:])["id"])
 
 
-def signed_completion(client: httpx.Client, path: str, body: dict[str, Any], model: str) -> SignedCompletion:
+def signed_completion(
+    client: httpx.Client,
+    path: str,
+    body: dict[str, Any],
+    model: str,
+    headers: dict[str, str] | None = None,
+) -> SignedCompletion:
     """POST raw bytes, then prove both stored signatures cover sha256(req):sha256(resp)."""
     # Not compact and with a trailing newline: the server must hash the bytes as sent.
     raw = (json.dumps({"model": model, **body}, indent=1, ensure_ascii=False) + "\n").encode()
     stream = bool(body.get("stream"))
-    with client.stream("POST", path, content=raw, headers={"content-type": "application/json"}) as r:
+    sent = {"content-type": "application/json", **(headers or {})}
+    with client.stream("POST", path, content=raw, headers=sent) as r:
         received = b"".join(r.iter_raw())
         assert r.status_code == 200, received[:500]
         headers = r.headers

@@ -58,6 +58,24 @@ def add_parser(commands: Subparsers) -> None:
         metavar="SECONDS",
         help="how long signatures stay fetchable (at least 1800)",
     )
+    serve.add_argument(
+        "--max-inflight-completions",
+        type=int,
+        metavar="N",
+        help="completions in progress at most; more are answered 429 with Retry-After (default 512)",
+    )
+    serve.add_argument(
+        "--max-ttft",
+        type=float,
+        metavar="SECONDS",
+        help="shed new completions (429) while the recent time to first token is above this",
+    )
+    serve.add_argument(
+        "--max-connections",
+        type=int,
+        metavar="N",
+        help="open connections at most; more get a 503 envelope (default 4096; not with vLLM in-process)",
+    )
     serve.add_argument("--build-dir", type=Path, default=Path("build"), help="caches for the engine")
     serve.add_argument(
         "--tdx-provider",
@@ -142,6 +160,9 @@ def run(args: argparse.Namespace) -> int:
         key_epoch=args.key_epoch,
         api_key_env=args.api_key_env,
         signature_ttl_s=args.signature_ttl,
+        max_inflight_completions=args.max_inflight_completions,
+        max_ttft_s=args.max_ttft,
+        max_connections=args.max_connections,
         # An --upstream engine may serve several models: without --model they are discovered.
         served_models=(_served_name(args),) if args.upstream is None or args.model else None,
         model_dir=Path(args.model) if args.model and Path(args.model).is_dir() else None,

@@ -31,7 +31,10 @@ _VOCABULARY = (
 
 def _json(value: Any) -> bytes:
     # What Starlette's JSONResponse and pydantic's model_dump_json both produce for vLLM.
-    return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
+    # backslashreplace: a lone surrogate (say, in a model name echoed in an error) becomes its
+    # JSON escape rather than an encoding error.
+    text = json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    return text.encode("utf-8", "backslashreplace")
 
 
 class _Lenient(BaseModel):
@@ -74,7 +77,8 @@ class CompletionRequest(_Lenient):
 
 def generate(prompt: str, max_tokens: int | None, *, ignore_eos: bool = False) -> tuple[list[str], str]:
     """Deterministic tokens for a prompt, and the finish reason ("stop" or "length")."""
-    digest = hashlib.sha256(prompt.encode("utf-8")).digest()
+    # surrogatepass: JSON may carry a lone surrogate (`"\\ud800"`), which is not UTF-8 text.
+    digest = hashlib.sha256(prompt.encode("utf-8", "surrogatepass")).digest()
     # vLLM's `ignore_eos` generates up to max_tokens; benchmarks and long-stream tests use it.
     natural = max_tokens + 1 if ignore_eos and max_tokens else 6 + digest[0] % 20
     count = natural if max_tokens is None else min(natural, max_tokens)
@@ -130,9 +134,9 @@ class FakeEngine:
         elif (method, path) == ("GET", "/v1/models"):
             await _respond(send, 200, _json(self.model_list()))
         elif (method, path) == ("POST", "/v1/chat/completions"):
-            await self.completion(receive, send, chat=True)
+            await self.completion(scope, receive, send, chat=True)
         elif (method, path) == ("POST", "/v1/completions"):
-            await self.completion(receive, send, chat=False)
+            await self.completion(scope, receive, send, chat=False)
         else:
             await _respond(send, 404, _json({"detail": "Not Found"}))
 
@@ -171,7 +175,7 @@ class FakeEngine:
         }
         return {"object": "list", "data": [card]}
 
-    async def completion(self, receive: Receive, send: Send, *, chat: bool) -> None:
+    async def completion(self, scope: Scope, receive: Receive, send: Send, *, chat: bool) -> None:
         body = await _read_body(receive)
         try:
             raw = json.loads(body)
@@ -195,7 +199,7 @@ class FakeEngine:
         chat_overhead = 4 * len(request.messages) if isinstance(request, ChatRequest) else 0
         prompt_tokens = _prompt_tokens(prompt) + chat_overhead
         reply = _Reply(
-            completion_id=(f"chatcmpl-{uuid.uuid4().hex}" if chat else f"cmpl-{uuid.uuid4().hex}"),
+            completion_id=("chatcmpl-" if chat else "cmpl-") + _base_request_id(scope, raw),
             created=int(self.clock()),
             model=self.model,
             chat=chat,
@@ -352,6 +356,17 @@ class _Reply:
 
 def _event(value: dict[str, Any]) -> bytes:
     return b"data: " + _json(value) + b"\n\n"
+
+
+def _base_request_id(scope: Scope, body: dict[str, Any]) -> str:
+    """vLLM's choice of id: the `X-Request-Id` header, else the body's `request_id`, else random
+    (vLLM's `_base_request_id`). Faithful on purpose: the signing layer must not rely on the
+    engine to keep clients from choosing ids."""
+    for name, value in scope.get("headers", ()):
+        if name == b"x-request-id":
+            return bytes(value).decode("latin-1")
+    chosen = body.get("request_id")
+    return chosen if isinstance(chosen, str) else uuid.uuid4().hex
 
 
 def _message_text(message: ChatMessageIn) -> str:

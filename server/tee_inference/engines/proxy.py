@@ -26,14 +26,17 @@ log = logging.getLogger("tee_inference.proxy")
 # Response headers worth keeping from the engine; hop-by-hop and length headers are the
 # ASGI server's business, and anything else is the engine's internals.
 _KEPT_RESPONSE_HEADERS = frozenset({b"content-type", b"x-request-id"})
-_FORWARDED_REQUEST_HEADERS = frozenset({"content-type", "accept", "x-request-id"})
+# Never `x-request-id`: vLLM would build the completion id from it, and ids are the server's.
+_FORWARDED_REQUEST_HEADERS = frozenset({"content-type", "accept"})
 
 
 class UpstreamResponse(Response):
     """Streams an engine response to the client and cancels it the moment the client leaves.
 
     Watching `receive` for `http.disconnect` (instead of waiting for a failed write) closes
-    the engine connection at once, so vLLM aborts the generation and frees its KV cache.
+    the engine connection at once, so vLLM aborts the generation and frees its KV cache. An
+    engine that breaks off mid-body ends the response without its final message: the signing
+    middleware then closes the stream with a signed error event.
     """
 
     def __init__(self, upstream: httpx.Response) -> None:
@@ -46,33 +49,52 @@ class UpstreamResponse(Response):
         headers = [
             (k.lower(), v) for k, v in self.upstream.headers.raw if k.lower() in _KEPT_RESPONSE_HEADERS
         ]
+        finished = False
         try:
             async with anyio.create_task_group() as tasks:
 
                 async def watch_disconnect() -> None:
                     while (await receive())["type"] != "http.disconnect":
                         pass
-                    log.info("client disconnected; cancelling the engine request")
+                    if not finished:  # after the last message a disconnect is just the end
+                        log.debug("client disconnected; cancelling the engine request")
                     tasks.cancel_scope.cancel()
 
                 tasks.start_soon(watch_disconnect)
                 await send(
                     {"type": "http.response.start", "status": self.upstream.status_code, "headers": headers}
                 )
-                async for chunk in self.upstream.aiter_raw():
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                try:
+                    async for chunk in self.upstream.aiter_raw():
+                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                except httpx.TransportError as exc:
+                    log.error("engine connection broke during a response: %s", type(exc).__name__)
+                    tasks.cancel_scope.cancel()
+                    return
+                finished = True
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
                 tasks.cancel_scope.cancel()
         finally:
             await self.upstream.aclose()
 
 
-def _envelope(status: int, message: str) -> Response:
-    return Response(error_body(status, message), status_code=status, media_type="application/json")
+def _envelope(status: int, message: str, *, code: str | None = None) -> Response:
+    return Response(error_body(status, message, code=code), status_code=status, media_type="application/json")
 
 
-def create_proxy_app(upstream_url: str, *, transport: httpx.AsyncBaseTransport | None = None) -> FastAPI:
-    """A FastAPI app forwarding the OpenAI routes we serve to `upstream_url`."""
+def create_proxy_app(
+    upstream_url: str,
+    *,
+    transport: httpx.AsyncBaseTransport | None = None,
+    request_timeout_s: float = 10.0,
+    response_timeout_s: float = 900.0,
+) -> FastAPI:
+    """A FastAPI app forwarding the OpenAI routes we serve to `upstream_url`.
+
+    Every wait on the engine is bounded: `request_timeout_s` for its model list, health, version
+    and metrics; `response_timeout_s` until a completion's response headers (vLLM sends a
+    non-streamed answer's headers only once it is complete). Past either: a 504 envelope.
+    """
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -101,11 +123,20 @@ def create_proxy_app(upstream_url: str, *, transport: httpx.AsyncBaseTransport |
     async def forward(request: Request) -> Response:
         client: httpx.AsyncClient = request.app.state.client
         headers = {k: v for k, v in request.headers.items() if k in _FORWARDED_REQUEST_HEADERS}
+        completion = request.method == "POST"
         outgoing = client.build_request(
-            request.method, request.url.path, content=await request.body(), headers=headers
+            request.method,
+            request.url.path,
+            content=await request.body(),
+            headers=headers,
+            timeout=None if completion else httpx.Timeout(request_timeout_s),
         )
         try:
-            upstream = await client.send(outgoing, stream=True)
+            with anyio.fail_after(response_timeout_s if completion else request_timeout_s * 2):
+                upstream = await client.send(outgoing, stream=True)
+        except (TimeoutError, httpx.TimeoutException):
+            log.error("engine at %s did not answer in time", upstream_url)
+            return _envelope(504, "the engine did not answer in time", code="engine_timeout")
         except httpx.TransportError as exc:
             log.error("engine unreachable at %s: %s", upstream_url, type(exc).__name__)
             return _envelope(502, "the engine is unreachable")
@@ -120,8 +151,9 @@ def create_proxy_app(upstream_url: str, *, transport: httpx.AsyncBaseTransport |
     async def health(request: Request) -> Response:
         client: httpx.AsyncClient = request.app.state.client
         try:
-            ok = (await client.get("/health", timeout=5.0)).status_code == 200
-        except httpx.HTTPError:
+            with anyio.fail_after(request_timeout_s):
+                ok = (await client.get("/health", timeout=request_timeout_s)).status_code == 200
+        except (httpx.HTTPError, TimeoutError):
             ok = False
         return Response(status_code=200) if ok else _envelope(503, "the engine is not healthy")
 

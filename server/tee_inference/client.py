@@ -245,8 +245,10 @@ class ResponseChecker:
     @staticmethod
     def _signature(record: Mapping[str, Any], algo: str) -> str:
         if algo == "ed25519":
-            value = record.get("ed25519") or record.get("signature_ed25519") or (
-                record.get("signature") if record.get("signing_algo") == "ed25519" else None
+            value = (
+                record.get("ed25519")
+                or record.get("signature_ed25519")
+                or (record.get("signature") if record.get("signing_algo") == "ed25519" else None)
             )
         else:
             value = record.get("signature") if record.get("signing_algo", "ecdsa") == "ecdsa" else None

@@ -42,6 +42,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 from pyhpke import AEADId, CipherSuite, KDFId, KEMId, KEMKey
 from pyhpke.context_interface import ContextInterface
 
+from tee_inference.asgi import Message, Send
 from tee_inference.exceptions import FormatError
 
 ENC_HEADER: Final = b"ehbp-encapsulated-key"
@@ -240,3 +241,28 @@ class ReplayGuard:
             return False
         self._seen[enc] = now
         return True
+
+
+def response_headers(
+    exchange: ServerExchange, headers: list[tuple[bytes, bytes]]
+) -> list[tuple[bytes, bytes]]:
+    """An encrypted answer's headers: the response nonce; no length (the body is framed, chunked)."""
+    kept = [(k, v) for k, v in headers if k.lower() not in (b"content-length", NONCE_HEADER)]
+    return [*kept, (NONCE_HEADER, exchange.response_nonce.hex().encode("ascii"))]
+
+
+def encrypting_send(exchange: ServerExchange, send: Send) -> Send:
+    """``send`` for an answer that is not signed (an error): every body byte still encrypted.
+
+    Once the request decrypted, everything the server says about it is for that client only
+    (EHBP §5.2: errors are encrypted too).
+    """
+
+    async def sealed(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": response_headers(exchange, list(message.get("headers", [])))}
+        elif message["type"] == "http.response.body":
+            message = {**message, "body": exchange.seal(message.get("body", b""))}
+        await send(message)
+
+    return sealed

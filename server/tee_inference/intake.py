@@ -116,6 +116,16 @@ class Intake:
         if not isinstance(model, str):
             await send_error(self.client_send, 400, "'model' is required and must be a string", param="model")
             return False
+        routed = header(self.scope, b"x-tee-model")
+        if routed is not None and routed != model.encode("utf-8", "surrogatepass"):
+            # The one field a gateway routes by without reading an encrypted body: it must not lie.
+            await send_error(
+                self.client_send,
+                400,
+                "X-Tee-Model does not name the body's model",
+                code="model_header_mismatch",
+            )
+            return False
         served = await self.services.models.names(self.app, self.scope)
         if served is None:
             await send_error(

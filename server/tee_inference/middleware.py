@@ -16,6 +16,10 @@ last bytes are released (a stream's `data: [DONE]`, a JSON body's end),
 a client that holds the whole answer can always fetch its signature. Streams pass through
 unbuffered; a non-streaming body is held until it ends so its signature can travel in the
 response headers.
+
+An end-to-end encrypted request (EHBP, `e2ee.py`: `Ehbp-Encapsulated-Key`) is decrypted after
+its ciphertext was hashed and before the gate; every answer to it is encrypted back, and the
+signed hashes are of the ciphertext both ways: the exact bytes the client sent and received.
 """
 
 from __future__ import annotations
@@ -30,6 +34,14 @@ from typing import Final
 from tee_inference import routes
 from tee_inference.asgi import ASGIApp, Message, Receive, Scope, Send, header
 from tee_inference.config import ServerConfig
+from tee_inference.e2ee import (
+    ENC_HEADER,
+    KEYS_PATH,
+    E2eeError,
+    ServerExchange,
+    encrypting_send,
+    response_headers,
+)
 from tee_inference.envelope import error_body, send_error, send_json, send_normalized_error
 from tee_inference.handoff import services_for_process
 from tee_inference.intake import Intake
@@ -66,6 +78,7 @@ ROUTES: Final[tuple[routes.Route, ...]] = (
     routes.Route(routes.SIGNATURE_PREFIX, GET, routes.signature, "signature", prefix=True),
     routes.Route("/v1/attestation/report", GET, routes.attestation_report, "/v1/attestation/report"),
     routes.Route("/metrics", GET, routes.metrics, "/metrics"),
+    routes.Route(KEYS_PATH, GET, routes.hpke_keys, KEYS_PATH),
     routes.Route("/v1/tls/csr", GET, routes.tls_csr, "/v1/tls/csr"),
     routes.Route("/v1/tls/certificate", POST, routes.tls_certificate, "/v1/tls/certificate"),
     routes.Route("/version", GET, routes.engine, "/version"),
@@ -168,6 +181,8 @@ class SignedExchange:
         self.scanner: StreamIdScanner | None = None
         self.splitter: DoneSplitter | None = None
         self.inband = header(scope, b"x-signature-inband") in (b"1", b"true")
+        self.e2ee: ServerExchange | None = None
+        self.error_send = send  # errors go here: encrypted too, once a request decrypted
         self.completion_id: str | None = None
         self.admitted_at = 0.0
         self.client_started = False
@@ -181,6 +196,9 @@ class SignedExchange:
         intake = Intake(self.services, self.app, self.scope, self.client_send)
         try:
             body = await intake.read_body(receive)
+            if body is not None and header(self.scope, ENC_HEADER) is not None:
+                body = await self.decrypt(body)
+                intake.client_send = self.error_send
             if body is None or not await intake.gate(body) or not await intake.admit():
                 return
             self.request_hash = intake.request_hash
@@ -193,9 +211,39 @@ class SignedExchange:
             intake.release_body()
             self.observed.signed = self.signed if self.mode in ("stream", "held") else None
 
+    async def decrypt(self, ciphertext: bytes) -> bytes | None:
+        """The plaintext of an encrypted body, or None once a 4xx envelope has gone out."""
+        enc = header(self.scope, ENC_HEADER) or b""
+        try:
+            exchange = ServerExchange(self.services.keys.e2ee, enc)
+            plaintext = exchange.open_body(ciphertext)
+        except E2eeError as exc:
+            # One generic answer per class: no oracle on which cryptographic step failed.
+            status, code = (
+                (422, "e2ee_key_mismatch") if "authenticate" in str(exc) else (400, "e2ee_malformed")
+            )
+            message = "the body does not decrypt under this server's attested key: attest again"
+            await send_error(self.client_send, status, message if status == 422 else str(exc), code=code)
+            return None
+        if not self.services.e2ee_replays.first_use(exchange.enc):
+            await send_error(
+                self.client_send, 409, "this encrypted request was already answered", code="e2ee_replay"
+            )
+            return None
+        self.e2ee = exchange
+        self.error_send = encrypting_send(exchange, self.client_send)
+        self.inband = False  # an in-band signature inside the ciphertext would have to cover itself
+        return plaintext
+
     async def call_engine(self, body: bytes, receive: Receive) -> None:
-        # vLLM builds the completion id from `X-Request-Id`: the engine never sees one.
-        headers = [(k, v) for k, v in self.scope["headers"] if k != b"x-request-id"]
+        # vLLM builds the completion id from `X-Request-Id`: the engine never sees one; nor the
+        # encryption headers of a body it gets in plaintext.
+        dropped = [b"x-request-id"]
+        if self.e2ee is not None:  # the body's framing headers described the ciphertext
+            dropped += [ENC_HEADER, b"content-length", b"transfer-encoding"]
+        headers = [(k, v) for k, v in self.scope["headers"] if k not in dropped]
+        if self.e2ee is not None:
+            headers.append((b"content-length", str(len(body)).encode("ascii")))
         scope = {**self.scope, "headers": headers}
         try:
             await self.app(scope, self.replay(body, receive), self.on_engine_message)
@@ -283,38 +331,48 @@ class SignedExchange:
         if done is None and not more:
             done = self.splitter.flush() if self.splitter is not None else b""
         if ready:
-            self.account(ready)
-            await self.forward({"type": "http.response.body", "body": ready, "more_body": True})
+            wire = self.account(ready)
+            await self.forward({"type": "http.response.body", "body": wire, "more_body": True})
         if done is None:
             return
         # The last bytes: hash, sign and store first, then release them.
         last = done[: len(DONE_EVENT)] if done.startswith(DONE_EVENT) else done
         if len(last) < len(done):
             log.warning("engine sent %d bytes after [DONE]; dropped", len(done) - len(last))
-        self.account(last)
+        wire = self.account(last)
         if self.scanner is not None:
             self.completion_id = self.scanner.completion_id
         signature = await self.sign_and_store()
         if self.inband:
             comment = inband_comment(self.completion_id, signature)
             await self.forward({"type": "http.response.body", "body": comment, "more_body": True})
-        await self.forward({"type": "http.response.body", "body": last, "more_body": more})
+        await self.forward({"type": "http.response.body", "body": wire, "more_body": more})
 
-    def account(self, data: bytes) -> None:
-        """Every byte the client will get (the in-band comment aside) goes through here, in order."""
-        self.response_hash.update(data)
+    def account(self, data: bytes) -> bytes:
+        """Every byte the client will get (the in-band comment aside) goes through here, in order.
+
+        Returns the bytes to send: ``data`` itself, or its encrypted frame. The hash is of what is
+        sent; the id scanner reads the plaintext.
+        """
+        wire = self.e2ee.seal(data) if self.e2ee is not None else data
+        self.response_hash.update(wire)
         if self.scanner is not None:
             self.scanner.feed(data)
         if self.observed.stream_events is not None:
             self.observed.stream_events += data.count(b"\n\n")
+        return wire
 
     async def on_held_body(self, body: bytes, more: bool) -> None:
-        self.response_hash.update(body)
+        if self.e2ee is None:
+            self.response_hash.update(body)
         self.held.append(body)
         self.held_size += len(body)
         if not more:
             whole = b"".join(self.held)
             self.completion_id, self.observed.completion_tokens = completion_fields_from_json(whole)
+            if self.e2ee is not None:
+                whole = self.e2ee.seal(whole)  # one frame; its bytes are what is signed and sent
+                self.response_hash.update(whole)
             signature = await self.sign_and_store()
             await self.forward_start(
                 [
@@ -333,8 +391,9 @@ class SignedExchange:
             self.mode = "stream"
             self.completion_id = match.group(1).decode() if match else None
             await self.forward_start([(b"x-signing-address", self.signing_address)])
-            await self.forward({"type": "http.response.body", "body": b"".join(self.held), "more_body": True})
-            self.held = []
+            held, self.held = b"".join(self.held), []
+            wire = held if self.e2ee is None else self.account(held)
+            await self.forward({"type": "http.response.body", "body": wire, "more_body": True})
 
     async def on_error_body(self, body: bytes, more: bool) -> None:
         if self.held_size <= _ERROR_BODY_LIMIT:
@@ -345,14 +404,14 @@ class SignedExchange:
             status = int(self.start["status"])
             text = b"".join(self.held) if self.held_size <= _ERROR_BODY_LIMIT else b"{}"
             self.client_started = True
-            await self.guarded(lambda: send_normalized_error(self.client_send, status, text))
+            await self.guarded(lambda: send_normalized_error(self.error_send, status, text))
             self.closed = True
 
     async def engine_failed(self) -> None:
         """The engine broke: an envelope if nothing was sent yet, else a final error event."""
         if not self.client_started:
             body = error_body(500, "the engine failed to produce a response", code="engine_error")
-            await self.guarded(lambda: send_json(self.client_send, 500, body))
+            await self.guarded(lambda: send_json(self.error_send, 500, body))
             self.closed = True
             return
         if self.mode == "stream" and not self.signed:
@@ -399,6 +458,8 @@ class SignedExchange:
         replaced = {name for name, _ in extra_headers}
         kept = [(k, v) for k, v in self.start.get("headers", []) if bytes(k).lower() not in replaced]
         start["headers"] = [*kept, *extra_headers]
+        if self.e2ee is not None and self.mode != "passthrough":
+            start["headers"] = response_headers(self.e2ee, start["headers"])
         await self.forward(start)
 
     async def forward(self, message: Message) -> None:

@@ -17,6 +17,7 @@ from urllib.parse import parse_qs
 import anyio
 
 from tee_inference.asgi import ASGIApp, Message, Receive, Scope, Send
+from tee_inference.e2ee import KEYS_MEDIA_TYPE, key_config, public_bytes
 from tee_inference.envelope import send_error, send_json, send_normalized_error
 from tee_inference.exceptions import ConfigError, TrustRootError
 from tee_inference.observe import Observed
@@ -298,3 +299,9 @@ async def read_small_body(receive: Receive, limit: int) -> bytes | None:
         chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)
+
+
+async def hpke_keys(req: Request) -> None:
+    """The body-encryption key as EHBP clients fetch it; trust it only as the report attests it."""
+    config = key_config(public_bytes(req.services.keys.e2ee.public_key()))
+    await _send_body(req.send, 200, KEYS_MEDIA_TYPE, config)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hmac
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -17,6 +17,7 @@ from pydantic import SecretStr
 from tee_inference.admission import AdmissionControl
 from tee_inference.asgi import ASGIApp, Scope
 from tee_inference.config import ServerConfig
+from tee_inference.e2ee import ReplayGuard
 from tee_inference.keys import BootKeys
 from tee_inference.metrics import ServingMetrics
 from tee_inference.reports import AttestationService
@@ -91,6 +92,8 @@ class Services:
     api_key: SecretStr | None = None
     # Set by the process that ran the boot, so a launcher can hand it to vLLM's API processes.
     boot_state: BootState | None = None
+    # Encapsulated keys of encrypted requests already answered (bounded; e2ee.py).
+    e2ee_replays: ReplayGuard = field(default_factory=ReplayGuard)
 
     @classmethod
     def assemble(

@@ -42,9 +42,11 @@ def _relay_context(tmp: str) -> ssl.SSLContext:
     return context
 
 
-async def _copy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def _copy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, seen: list[bytes] | None) -> None:
     try:
         while data := await reader.read(65536):
+            if seen is not None:
+                seen.append(data)
             writer.write(data)
             await writer.drain()
     except (ConnectionError, ssl.SSLError):
@@ -55,7 +57,13 @@ async def _copy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
 
 
 @contextmanager
-def _relay(upstream_port: int, *, front: ssl.SSLContext | None, back: ssl.SSLContext | None) -> Iterator[int]:
+def _relay(
+    upstream_port: int,
+    *,
+    front: ssl.SSLContext | None,
+    back: ssl.SSLContext | None,
+    seen: list[bytes] | None = None,
+) -> Iterator[int]:
     loop = asyncio.new_event_loop()
     ready: list[int] = []
     started = threading.Event()
@@ -66,7 +74,7 @@ def _relay(upstream_port: int, *, front: ssl.SSLContext | None, back: ssl.SSLCon
         except OSError:
             writer.close()
             return
-        await asyncio.gather(_copy(reader, up_writer), _copy(up_reader, writer))
+        await asyncio.gather(_copy(reader, up_writer, seen), _copy(up_reader, writer, seen))
 
     async def main() -> None:
         server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=front)
@@ -92,8 +100,9 @@ def _relay(upstream_port: int, *, front: ssl.SSLContext | None, back: ssl.SSLCon
 
 
 @contextmanager
-def tcp_relay(upstream_port: int) -> Iterator[int]:
-    with _relay(upstream_port, front=None, back=None) as port:
+def tcp_relay(upstream_port: int, seen: list[bytes] | None = None) -> Iterator[int]:
+    """Forwards bytes; ``seen`` collects every byte that crossed it, both ways (what a host sees)."""
+    with _relay(upstream_port, front=None, back=None, seen=seen) as port:
         yield port
 
 

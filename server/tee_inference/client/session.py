@@ -1,0 +1,198 @@
+"""Attesting a server and preparing requests: the client's settings and its request-side steps."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tee_inference.client.checks import (
+    COMPLETION_PATHS,
+    INBAND_HEADER,
+    Attestation,
+    AttestationError,
+    SignatureMismatchError,
+)
+from tee_inference.e2ee import ENC_HEADER, NONCE_HEADER, ClientExchange
+from tee_inference.exceptions import TeeInferenceError
+from tee_inference.verify.measurements import ExpectedMeasurements, load_expected_measurements
+from tee_inference.verify.policy import VerificationPolicy
+from tee_inference.verify.tlspin import SpkiPin
+from tee_inference.verify.verifier import Verifier
+
+
+def verification_policy(
+    expect: ExpectedMeasurements | str | Path | None, allow_simulated: bool
+) -> VerificationPolicy:
+    expected = []
+    if expect is not None:
+        expected = [
+            expect if isinstance(expect, ExpectedMeasurements) else load_expected_measurements(expect)
+        ]
+    return VerificationPolicy.build(
+        expected=expected, allow_simulated=allow_simulated, relax=() if expected else ("measurements",)
+    )
+
+
+class Settings:
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        expect: ExpectedMeasurements | str | Path | None,
+        *,
+        allow_simulated: bool,
+        allow_plaintext: bool,
+        signing_algo: str,
+        api_key: str | None,
+        verifier: Verifier | None,
+        encrypt: bool = False,
+    ) -> None:
+        self.encrypt = encrypt
+        self.base_url = base_url.rstrip("/")
+        self.secure = self.base_url.lower().startswith("https://")
+        if not self.secure and not allow_plaintext:
+            raise TeeInferenceError(
+                f"refusing {base_url}: use https (allow_plaintext=True for loopback development)"
+            )
+        self.model, self.signing_algo = model, signing_algo
+        self.policy = verification_policy(expect, allow_simulated)
+        if not self.secure:
+            self.policy = replace(self.policy, relax=self.policy.relax | {"tls_binding"})
+        self.verifier = verifier or Verifier.production()
+        self.headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+        self.pin = SpkiPin() if self.secure else None
+
+    @classmethod
+    def for_client(
+        cls,
+        base_url: str,
+        model: str,
+        expect: ExpectedMeasurements | str | Path | None,
+        *,
+        allow_unmeasured: bool,
+        allow_simulated: bool,
+        allow_plaintext: bool,
+        signing_algo: str,
+        api_key: str | None,
+        verifier: Verifier | None,
+        encrypt: bool,
+    ) -> Settings:
+        """A client's settings; without an expected file, only when unmeasured is accepted by name."""
+        if expect is None and not allow_unmeasured:
+            raise TeeInferenceError("give expect= (an expected-measurements file) or allow_unmeasured=True")
+        return cls(
+            base_url, model, expect, allow_simulated=allow_simulated, allow_plaintext=allow_plaintext,
+            signing_algo=signing_algo, api_key=api_key, verifier=verifier, encrypt=encrypt,
+        )  # fmt: skip
+
+    def report_request(self) -> tuple[httpx.Request, bytes, SpkiPin | None]:
+        """A fresh-nonce report request, and the probe pin its own connection records the key with.
+
+        The report travels on a connection of its own, never pinned in advance: it says which key
+        to pin. Only after it verifies is the shared pin moved, so no request of the client ever
+        goes out on a connection that was not checked against an attested key.
+        """
+        nonce = os.urandom(32)
+        params = {"model": self.model, "nonce": nonce.hex(), "signing_algo": self.signing_algo}
+        if self.secure:
+            params["include_tls_fingerprint"] = "true"
+        request = httpx.Request(
+            "GET", f"{self.base_url}/v1/attestation/report", params=params, headers=self.headers
+        )
+        return request, nonce, SpkiPin() if self.secure else None
+
+    def signature_request(self, completion_id: str) -> httpx.Request:
+        params = {"model": self.model, "signing_algo": self.signing_algo}
+        return httpx.Request(
+            "GET", f"{self.base_url}/v1/signature/{completion_id}", params=params, headers=self.headers
+        )
+
+    def judge(self, status: int, body: bytes, nonce: bytes, probe: SpkiPin | None) -> Attestation:
+        if status != 200:
+            raise TeeInferenceError(f"the server answered the attestation request with HTTP {status}")
+        result = self.verifier.verify_report(
+            body, self.policy, nonce=nonce, model=self.model, signing_algo=self.signing_algo,
+            tls_layout=True if self.secure else None,
+        )  # fmt: skip
+        if not result.ok:
+            raise AttestationError(result)
+        spki = None
+        if self.pin is not None and probe is not None:
+            attested = result.attested.get("tls_cert_fingerprint")
+            live = probe.last_seen
+            if not isinstance(attested, str) or live is None or live.hex() != attested:
+                raise TeeInferenceError(
+                    f"the TLS connection presented SPKI {live.hex() if live else None}, the attested key is "
+                    f"{attested}: a TLS-terminating relay or an unattested server answered"
+                )
+            spki = live
+            self.pin.pin(live)
+        field = "signing_address" if self.signing_algo == "ecdsa" else "signing_public_key"
+        e2ee = result.attested.get("e2ee_public_key")
+        if self.encrypt and not isinstance(e2ee, str):
+            raise TeeInferenceError("the server attests no key for encrypted bodies")
+        return Attestation(
+            result,
+            self.signing_algo,
+            str(result.attested[field]),
+            spki,
+            bytes.fromhex(e2ee) if e2ee else None,
+        )
+
+
+def signature_record(completion_id: str, status: int, body: bytes) -> dict[str, Any]:
+    if status != 200:
+        raise SignatureMismatchError(f"no signature for {completion_id}: HTTP {status}")
+    try:
+        value = json.loads(body)
+    except ValueError:
+        raise SignatureMismatchError(f"the signature of {completion_id} is not JSON") from None
+    if not isinstance(value, dict):
+        raise SignatureMismatchError(f"the signature of {completion_id} is not a JSON object")
+    return value
+
+
+def encrypted_answer(response: httpx.Response, exchange: ClientExchange | None) -> bool:
+    """An answer to decrypt: to an encrypted request, it carries the response nonce.
+
+    A non-2xx answer without it passes through as untrusted plaintext (EHBP §5.3: an intermediary
+    or the server before decryption answered); a 2xx answer without it fails when it is read.
+    """
+    return exchange is not None and (response.status_code == 200 or NONCE_HEADER.decode() in response.headers)
+
+
+def prepare_request(
+    request: httpx.Request, attestation: Attestation, encrypt: bool
+) -> tuple[httpx.Request, str | None, ClientExchange | None]:
+    """For a completion: identity encoding, the body sealed when asked, and the hash of the wire body."""
+    if request.method != "POST" or request.url.path.rstrip("/") not in COMPLETION_PATHS:
+        return request, None, None
+    headers = httpx.Headers(request.headers)
+    headers["accept-encoding"] = "identity"
+    body = request.read()
+    exchange = None
+    if encrypt:
+        if attestation.e2ee_public_key is None:
+            raise AttestationError(attestation.result)
+        exchange = ClientExchange(attestation.e2ee_public_key)
+        try:
+            model = json.loads(body).get("model")
+        except (ValueError, AttributeError):
+            model = None
+        if isinstance(model, str):
+            headers["x-tee-model"] = model  # the one field a gateway may read to route
+        headers[ENC_HEADER.decode()] = exchange.enc_header.decode()
+        body = exchange.seal_body(body)
+    else:
+        headers[INBAND_HEADER] = "1"
+    headers.pop("content-length", None)
+    sent = httpx.Request(
+        request.method, request.url, headers=headers, content=body, extensions=request.extensions
+    )
+    return sent, hashlib.sha256(body).hexdigest(), exchange

@@ -57,8 +57,10 @@ ENTRYPOINT = f"""#!/bin/sh
 # sha256) into the image's Python, then runs the signing server in front of vLLM with
 # the TDX trust roots. Arguments (model, expected weights root) come from app-compose.
 set -eu
+# {PREFIX} in the image; found from this file so that the layer's tree works wherever it is unpacked.
+here="$(cd "$(dirname "$0")/.." && pwd)"
 python3 -m pip install --quiet --no-index --no-deps --require-hashes \\
-    --find-links {PREFIX}/wheels -r {PREFIX}/requirements.txt
+    --find-links "$here/wheels" -r "$here/requirements.txt"
 exec tee-inference serve --engine vllm --tee tdx --host 0.0.0.0 --port {PORT} "$@"
 """
 

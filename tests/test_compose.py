@@ -117,3 +117,20 @@ def test_server_config_from_compose_is_valid(serve_args: argparse.Namespace) -> 
         model_weights_root=serve_args.expect_weights_root, gpu_ready_gate=serve_args.gpu_ready_gate,
     )  # fmt: skip
     assert config.tee == "tdx" and config.tls == "self-signed"
+
+
+def test_systemd_unit_runs_the_same_server() -> None:
+    """image/tee-inference.service (plain TDX VM): its `docker run` passes options `serve` accepts."""
+    unit = (REPO / "image" / "tee-inference.service").read_text()
+    start = unit.split("ExecStart=", 1)[1].split("\nExecStop", 1)[0].replace("\\\n", " ")
+    words = start.split()
+    assert words[:3] == ["/usr/bin/docker", "run", "--rm"] and "--privileged" in words
+    assert "-p" in words and words[words.index("-p") + 1] == "8443:8443"
+    args = build_parser().parse_args(["serve", *words[words.index("${IMAGE}") + 1 :]])
+    assert (args.tls, args.port, args.tdx_provider, args.gpu_ready_gate) == (
+        "self-signed",
+        8443,
+        "configfs",
+        True,
+    )
+    assert args.api_key_env == "TEE_INFERENCE_API_KEY" and args.expect_weights_root == "${WEIGHTS_ROOT}"

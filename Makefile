@@ -22,7 +22,7 @@ IMAGE_DIGEST = $(shell $(PYTHON) -c 'import json; print(json.load(open("measurem
 run: engine model
 	$(ENGINE_VENV)/bin/tee-inference serve --engine vllm --tee simulated \
 		--simulated-compose image/app-compose.json --image-digest $(IMAGE_DIGEST) \
-		--model $(MODEL_DIR) --host $(HOST) --port $(PORT)
+		--gpu-ready-gate --model $(MODEL_DIR) --host $(HOST) --port $(PORT)
 
 ## make run-fake: the same server with the built-in deterministic engine (starts in a second).
 run-fake: $(VENV)/.stamp

@@ -42,7 +42,7 @@ lint: $(VENV)/.stamp
 	$(BIN)/ruff format --check server tests image measurements
 	$(BIN)/mypy
 	$(BIN)/vulture server/tee_inference --min-confidence 80
-	$(BIN)/mypy --strict image/oci.py image/stack.py image/build_image.py image/fetch_model.py \
+	$(BIN)/mypy --strict image/oci.py image/stack.py image/build_image.py image/compose.py image/fetch_model.py \
 		image/healthcheck.py measurements/regenerate.py
 
 ## make bench: the signing overhead as ratios against the bare fake engine, in one run.

@@ -22,7 +22,7 @@ IMAGE_DIGEST = $(shell $(PYTHON) -c 'import json; print(json.load(open("measurem
 run: engine model
 	$(ENGINE_VENV)/bin/tee-inference serve --engine vllm --tee simulated \
 		--simulated-compose image/app-compose.json --image-digest $(IMAGE_DIGEST) \
-		--model $(MODEL_DIR) --host $(HOST) --port $(PORT)
+		--gpu-ready-gate --model $(MODEL_DIR) --host $(HOST) --port $(PORT)
 
 ## make run-tls: make run with TLS inside the serving process (self-signed, key made at boot, bound
 ## to every report); it prints the certificate's SPKI fingerprint.
@@ -58,19 +58,22 @@ lint: $(VENV)/.stamp
 	$(BIN)/ruff format --check server tests image measurements
 	$(BIN)/mypy
 	$(BIN)/vulture server/tee_inference --min-confidence 80
-	$(BIN)/mypy --strict image/oci.py image/build_image.py measurements/regenerate.py
+	$(BIN)/mypy --strict image/oci.py image/stack.py image/build_image.py image/compose.py image/fetch_model.py \
+		image/healthcheck.py measurements/regenerate.py
 
 ## make bench: the signing overhead as ratios against the bare fake engine, in one run.
 bench: $(VENV)/.stamp
 	$(BIN)/tee-inference bench
 
-## make image: the reproducible application layer as an OCI layout in build/image (prints its digest).
+## make image [BASE=DIR]: the image as an OCI layout in build/image; prints its digest and which it is:
+## the runnable image stacked on the pinned base (BASE = the base's OCI layout, or image/base/ when
+## imported by make pin-base), else our layer alone.
 image: $(VENV)/.stamp
-	$(BIN)/python image/build_image.py build --out build/image
+	$(BIN)/python image/build_image.py build --out build/image $(if $(BASE),--base-layout $(BASE))
 
-## make reproduce: two builds in fresh temporary directories; fails unless the digests are identical.
+## make reproduce [BASE=DIR]: two builds in fresh temporary directories; fails unless the digests match.
 reproduce: $(VENV)/.stamp
-	$(BIN)/python image/build_image.py reproduce
+	$(BIN)/python image/build_image.py reproduce $(if $(BASE),--base-layout $(BASE))
 
 ## make measurements: recompute the image digest, compose hash and weights root into measurements/.
 measurements: $(VENV)/.stamp model
@@ -79,9 +82,15 @@ measurements: $(VENV)/.stamp model
 measurements-check: $(VENV)/.stamp model
 	$(BIN)/python measurements/regenerate.py --check
 
-## make pin-base: the registry digest of the base tag (needs skopeo and network); edit FROM if it differs.
-pin-base:
+## make pin-base (needs skopeo and a registry): the base tag's digest (edit FROM if it differs), the
+## base as an OCI layout in build/base-layout (for make image BASE=build/base-layout and the push), and
+## its index/manifest/config in image/base/ (commit them: every checkout then computes the runnable digest).
+# name@digest: skopeo's docker transport refuses a reference with both a tag and a digest.
+BASE_REF = $(shell sed -n 's/^FROM \([^:]*\):[^@]*\(@.*\)$$/\1\2/p' image/Containerfile)
+pin-base: $(VENV)/.stamp
 	skopeo inspect --format '{{.Digest}}' docker://docker.io/vllm/vllm-openai:v0.31.0
+	skopeo copy --all --preserve-digests docker://$(BASE_REF) oci:build/base-layout:base
+	$(BIN)/python image/build_image.py import-base build/base-layout
 
 $(VENV)/.stamp: requirements/dev.txt requirements/build.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)

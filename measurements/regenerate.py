@@ -74,12 +74,12 @@ def regenerate(workdir: Path, platform_file: Path | None = None) -> tuple[dict[s
         measurement = measure_model(directory)
         models[name] = {"weights_root": measurement.root}
         outputs[REPO / "measurements" / "models" / f"{name}.manifest"] = measurement.manifest_text()
-    digest = image_build.build(workdir / "image", REPO / "build" / "image-cache").digest
+    # The image ships the manifests it provisions weights by: the fresh ones, not the committed.
+    manifests = {name: outputs[REPO / "measurements" / "models" / f"{name}.manifest"] for name in models}
+    built = image_build.build(workdir / "image", REPO / "build" / "image-cache", manifests=manifests)
+    digest = built.digest
     (name, root), *_ = [(n, m["weights_root"]) for n, m in models.items()]
-    compose = image_build.compose_text(
-        f"{image_build.IMAGE_REPOSITORY}@{digest}",
-        ["--model", f"/models/{name}", "--expect-weights-root", root],
-    )
+    compose = image_build.compose_text(f"{image_build.IMAGE_REPOSITORY}@{digest}", name, root)
     outputs[REPO / "image" / "app-compose.json"] = compose
     compose_hash = image_build.compose_hash(compose)
     platform, platform_source = platform_values(platform_file, compose.encode())
@@ -88,12 +88,18 @@ def regenerate(workdir: Path, platform_file: Path | None = None) -> tuple[dict[s
         **{k: v for k, v in platform.items() if k != "os_image_hash"},
     }
     tdx["mrconfigid"] = [mrconfigid_for(bytes.fromhex(compose_hash)).hex()]
+    kind = (
+        "the runnable image (the pinned base's layers, then ours)"
+        if built.stacked
+        else "our layer ALONE: no base imported (make pin-base), so not the runnable image's digest"
+    )
     document: dict[str, object] = {
         "format": FORMAT,
         "description": (
             "Expected measurements of the example deployment: tee-inference on the pinned vLLM "
             "image in a dstack CVM, serving SmolLM2-135M-Instruct. Platform values (MRTD, RTMR0-2, "
-            f"OS image hash, MRSEAM) are those of {platform_source}. Regenerate and check with "
+            f"OS image hash, MRSEAM) are those of {platform_source}. image_digest is {kind}. "
+            "Regenerate and check with "
             "`python measurements/regenerate.py [--check]`."
         ),
         "tdx": tdx,

@@ -24,6 +24,7 @@ from typing import Any
 
 from tee_inference import __version__
 from tee_inference.attestation.eventlog import (
+    EVENT_GPU_GATE,
     EVENT_IMAGE,
     EVENT_KEYSET,
     EVENT_MODEL_WEIGHTS,
@@ -107,8 +108,13 @@ def make_trust_roots(config: ServerConfig, state: BootState | None = None) -> Tr
 
         return TrustRoots(
             tdx=SimulatedTdxProvider(seed(tdx_state), runtime, compose=_simulated_compose(config, tdx_state)),
-            gpu=SimulatedGpuProvider(seed(gpu_state), gpu_count=int(gpu_state.get("gpu_count", 1))),
+            gpu=SimulatedGpuProvider(
+                seed(gpu_state),
+                gpu_count=int(gpu_state.get("gpu_count", 1)),
+                ready_gate=config.gpu_ready_gate and state is None,  # a resumed boot does not gate again
+            ),
         )
+    from tee_inference.tee.gpu_gate import NvattestSwitchSource
     from tee_inference.tee.gpu_nvml import NvmlGpuProvider
 
     tdx: TdxProvider
@@ -120,7 +126,8 @@ def make_trust_roots(config: ServerConfig, state: BootState | None = None) -> Tr
         from tee_inference.tee.tdx import ConfigfsTdxProvider
 
         tdx = ConfigfsTdxProvider(runtime_events=runtime)
-    return TrustRoots(tdx=tdx, gpu=NvmlGpuProvider())
+    gpu = NvmlGpuProvider(ready_gate=config.gpu_ready_gate and state is None, switches=NvattestSwitchSource())
+    return TrustRoots(tdx=tdx, gpu=gpu)
 
 
 def _simulated_compose(config: ServerConfig, tdx_state: JsonState) -> bytes:
@@ -162,6 +169,8 @@ def boot(
     roots = roots or make_trust_roots(config)
     source = key_source or make_key_source(config)
     checks = check_trust_roots(roots) if config.tee == "tdx" else []
+    if config.tee != "tdx" and config.gpu_ready_gate:
+        checks = [*roots.gpu.check()]  # the simulated gate runs the same local attestation
     secret = b""
     try:
         secret = source.root_secret()
@@ -183,7 +192,7 @@ def boot(
         raise StartRefused(failed)
     keys = BootKeys.derive(secret, config.key_epoch, tls)
     weights_root = measure_weights(config)
-    record_boot_events(roots.tdx, config, keys, source.name, weights_root)
+    record_boot_events(roots.tdx, config, keys, source.name, weights_root, roots.gpu.gate_record())
     state = BootState(
         secret, source.name, weights_root, roots.tdx.state(), roots.gpu.state(), tls.state() if tls else None
     )
@@ -230,8 +239,10 @@ def record_boot_events(
     keys: BootKeys,
     key_source: str,
     weights_root: str | None,
+    gpu_gate: dict[str, Any] | None = None,
 ) -> None:
-    """Extend RTMR3 with what this boot runs: image, weights and every key (one keyset event)."""
+    """Extend RTMR3 with what this boot runs: image, weights, every key (one keyset event) and,
+    when the GPU ready gate ran, the devices it attested (so reports can be bound to them)."""
 
     def emit(name: str, payload: dict[str, Any]) -> None:
         tdx.emit_event(name, json.dumps(payload, sort_keys=True, separators=(",", ":")).encode())
@@ -239,6 +250,8 @@ def record_boot_events(
     emit(EVENT_IMAGE, {"image_digest": config.image_digest, "version": __version__})
     emit(EVENT_MODEL_WEIGHTS, {"model": ",".join(config.served_models), "root": weights_root})
     emit(EVENT_KEYSET, keys.keyset(key_source))
+    if gpu_gate is not None:
+        emit(EVENT_GPU_GATE, gpu_gate)
 
 
 def _version_of(distribution: str) -> str | None:

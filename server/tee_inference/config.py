@@ -37,6 +37,8 @@ class ServerConfig(BaseModel):
     # Served model names that pass the gate. Empty: ask the engine's /v1/models once.
     served_models: tuple[str, ...] = ()
     model_dir: Path | None = None
+    # Attest the GPUs (and NVSwitches) locally at boot and only then set their CC ready state.
+    gpu_ready_gate: bool = False
     # Expected model-weights root; the start is refused when the measured one differs.
     model_weights_root: str | None = None
     # The container image this runs in, as the image build recorded it (reported and measured).

@@ -73,6 +73,8 @@ NVML_CC_SYSTEM_GPUS_CC_NOT_CAPABLE = 0
 NVML_CC_SYSTEM_GPUS_CC_CAPABLE = 1
 NVML_CC_SYSTEM_CPU_CAPS_NONE = 0
 NVML_CC_SYSTEM_CPU_CAPS_INTEL_TDX = 2
+NVML_CC_SYSTEM_MULTIGPU_NONE = 0
+NVML_CC_SYSTEM_MULTIGPU_PROTECTED_PCIE = 1
 NVML_GPU_CERT_CHAIN_SIZE = 0x1000
 NVML_GPU_ATTESTATION_CERT_CHAIN_SIZE = 0x1400
 NVML_CC_GPU_CEC_NONCE_SIZE = 0x20
@@ -117,6 +119,22 @@ class c_nvmlConfComputeSystemState_t(Structure):
     _fields_ = [("environment", c_uint), ("ccFeature", c_uint), ("devToolsMode", c_uint)]
 
 
+nvmlSystemConfComputeSettings_v1 = 0x1000014
+
+
+class c_nvmlSystemConfComputeSettings_v1_t(Structure):
+    _fields_ = [
+        ("version", c_uint),
+        ("environment", c_uint),
+        ("ccFeature", c_uint),
+        ("devToolsMode", c_uint),
+        ("multiGpuMode", c_uint),
+    ]
+
+    def __init__(self) -> None:
+        super().__init__(version=nvmlSystemConfComputeSettings_v1)
+
+
 class c_nvmlConfComputeSystemCaps_t(Structure):
     _fields_ = [("cpuCaps", c_uint), ("gpusCaps", c_uint)]
 
@@ -159,6 +177,9 @@ class FakeGpu:
     answer_nonce: bytes | None = None
     # certChain holds a different chain, so code that reads the wrong field fails to verify.
     other_chain_pem: bytes = field(default_factory=lambda: SimulatedGpu(b"\xff" * 32).certificate_chain_pem())
+    # A GPU whose report is signed by another device's key than its chain's leaf: it answers every
+    # call, but fails local attestation (a swapped board, a forged report).
+    signer: SimulatedGpu | None = None
 
 
 def _fill(array: Any, data: bytes) -> int:
@@ -185,6 +206,7 @@ class FakeNvml(ModuleType):
         cc_feature: int = NVML_CC_SYSTEM_FEATURE_ENABLED,
         devtools_mode: int = NVML_CC_SYSTEM_DEVTOOLS_MODE_OFF,
         ready_state: int = NVML_CC_ACCEPTING_CLIENT_REQUESTS_TRUE,
+        multi_gpu_mode: int = NVML_CC_SYSTEM_MULTIGPU_NONE,
         gpus_caps: int = NVML_CC_SYSTEM_GPUS_CC_CAPABLE,
         cpu_caps: int = NVML_CC_SYSTEM_CPU_CAPS_INTEL_TDX,
         driver_version: str = "580.159.04",
@@ -193,13 +215,15 @@ class FakeNvml(ModuleType):
     ) -> None:
         super().__init__("pynvml")
         for name, value in globals().items():
-            if name.startswith(("NVML_", "NVMLError_", "c_nvml", "struct_c_nvml")):
+            if name.startswith(("NVML_", "NVMLError_", "c_nvml", "struct_c_nvml", "nvmlSystemConfCompute")):
                 setattr(self, name, value)
         self.gpus = gpus
         self.environment = environment
         self.cc_feature = cc_feature
         self.devtools_mode = devtools_mode
         self.ready_state = ready_state
+        self.multi_gpu_mode = multi_gpu_mode
+        self.ready_sets: list[int] = []  # every nvmlSystemSetConfComputeGpusReadyState, in order
         self.gpus_caps = gpus_caps
         self.cpu_caps = cpu_caps
         self.driver_version = driver_version
@@ -274,6 +298,26 @@ class FakeNvml(ModuleType):
         self._enter("nvmlSystemGetConfComputeGpusReadyState")
         return self.ready_state
 
+    def nvmlSystemSetConfComputeGpusReadyState(self, state: int) -> int:
+        self._enter("nvmlSystemSetConfComputeGpusReadyState")
+        if state not in (NVML_CC_ACCEPTING_CLIENT_REQUESTS_FALSE, NVML_CC_ACCEPTING_CLIENT_REQUESTS_TRUE):
+            raise NVMLError(2)
+        self._cc_or_unknown()
+        self.ready_sets.append(state)
+        self.ready_state = state
+        return NVML_SUCCESS
+
+    def nvmlSystemGetConfComputeSettings(self, settings: Any) -> int:
+        # As the library: a pointer (byref) to a versioned struct goes in, and the nvmlReturn_t comes
+        # back unchecked (this binding does not raise); a wrong version is NVML_ERROR_ARGUMENT_VERSION_MISMATCH.
+        self._enter("nvmlSystemGetConfComputeSettings")
+        target = settings._obj
+        if target.version != nvmlSystemConfComputeSettings_v1:
+            return 25
+        target.environment, target.ccFeature = self.environment, self.cc_feature
+        target.devToolsMode, target.multiGpuMode = self.devtools_mode, self.multi_gpu_mode
+        return NVML_SUCCESS
+
     def nvmlDeviceGetConfComputeGpuAttestationReport(
         self, device: Any, c_nonce: Any
     ) -> c_nvmlConfComputeGpuAttestationReport_t:
@@ -284,7 +328,7 @@ class FakeNvml(ModuleType):
         self._enter("nvmlDeviceGetConfComputeGpuAttestationReport")
         gpu = self._gpu(device)
         self._cc_or_unknown()
-        evidence = gpu.sim.evidence(gpu.answer_nonce or bytes(report.nonce))
+        evidence = (gpu.signer or gpu.sim).evidence(gpu.answer_nonce or bytes(report.nonce))
         report.attestationReportSize = _fill(report.attestationReport, evidence)
         report.isCecAttestationReportPresent = 0
         return report

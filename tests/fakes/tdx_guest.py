@@ -3,8 +3,9 @@
 It does what the kernel and the TDX module do behind the calls TdxGuest makes:
 ``TDX_CMD_GET_REPORT0`` (0xc4405401) fills a TDREPORT with REPORTDATA at 128, MRTD at 528 and
 RTMR0–3 at 720; a 48-byte write to ``rtmrN:sha384`` (N = 2, 3) extends that register and reading
-it gives the 48 raw bytes; the legacy ``TDX_CMD_EXTEND_RTMR`` (0x40315403) extends when
-``legacy_extend`` is on and answers ENOTTY otherwise, as upstream kernels do. The numbers are
+it gives the 48 raw bytes; the legacy ``TDX_CMD_EXTEND_RTMR`` extends when ``legacy_extend``
+names the number this kernel knows (``"ior"``: 0x80315403, Intel's TDX guest kernels; ``"iow"``:
+0x40315403, the "V3" driver) and answers ENOTTY otherwise, as upstream kernels do. The numbers are
 written out here from the kernel header on purpose: the client computes them, the fake does not.
 """
 
@@ -16,7 +17,9 @@ import os
 from pathlib import Path
 
 GET_REPORT0 = 0xC4405401
-EXTEND_RTMR = 0x40315403
+EXTEND_RTMR = 0x40315403  # _IOW('T', 3, 49 bytes)
+EXTEND_RTMR_IOR = 0x80315403  # _IOR('T', 3, 49 bytes)
+_LEGACY = {"ior": EXTEND_RTMR_IOR, "iow": EXTEND_RTMR}
 FAKE_MRTD = hashlib.sha384(b"fake tdx_guest MRTD").digest()
 
 
@@ -31,7 +34,7 @@ class FakeTdxGuestDevice:
         *,
         present: bool = True,
         sysfs: bool = True,
-        legacy_extend: bool = False,
+        legacy_extend: str | None = None,
         rtmrs: tuple[bytes, ...] = (bytes(48),) * 4,
     ) -> None:
         self.device = base / "dev" / "tdx_guest"
@@ -79,7 +82,7 @@ class FakeTdxGuestDevice:
             if len(buf) != 1088:
                 raise _oserror(errno.EFAULT)
             buf[64:] = self.tdreport(bytes(buf[:64]))
-        elif request == EXTEND_RTMR and self.legacy_extend:
+        elif self.legacy_extend is not None and request == _LEGACY[self.legacy_extend]:
             if len(buf) != 49:
                 raise _oserror(errno.EFAULT)
             index = buf[48]

@@ -273,8 +273,10 @@ def test_fake_matches_nvidia_ml_py() -> None:
         "c_nvmlConfComputeSystemCaps_t",
         "c_nvmlConfComputeGpuCertificate_t",
         "c_nvmlConfComputeGpuAttestationReport_t",
+        "c_nvmlSystemConfComputeSettings_v1_t",
     ):
         assert layout(getattr(fake_nvml, struct)) == layout(getattr(real, struct)), struct
+    assert fake_nvml.nvmlSystemConfComputeSettings_v1 == real.nvmlSystemConfComputeSettings_v1
     for name in dir(fake_nvml):
         if name.startswith("NVML_"):
             assert getattr(fake_nvml, name) == getattr(real, name), name

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fakes.tdx_guest import EXTEND_RTMR, FAKE_MRTD, GET_REPORT0, FakeTdxGuestDevice
+from fakes.tdx_guest import EXTEND_RTMR, EXTEND_RTMR_IOR, FAKE_MRTD, GET_REPORT0, FakeTdxGuestDevice
 from tee_inference.tee.tdx_guest import (
     RtmrExtendUnsupportedError,
     TdxGuest,
@@ -29,6 +29,7 @@ def test_ioctl_numbers_follow_the_kernel_header(tmp_path: Path) -> None:
     g = guest(FakeTdxGuestDevice(tmp_path))
     assert g.get_report0_request == GET_REPORT0 == 0xC4405401
     assert g.extend_rtmr_request == EXTEND_RTMR
+    assert g.extend_rtmr_requests == (EXTEND_RTMR_IOR, EXTEND_RTMR) == (0x80315403, 0x40315403)
     assert ioc(3, "T", 1, 1088) == 0xC4405401
     with pytest.raises(ValueError):
         ioc(3, "T", 1, 1 << 14)
@@ -60,8 +61,9 @@ def test_extend_through_sysfs(tmp_path: Path) -> None:
     assert g.extend_method() == "sysfs"
 
 
-def test_extend_through_legacy_ioctl(tmp_path: Path) -> None:
-    fake = FakeTdxGuestDevice(tmp_path, sysfs=False, legacy_extend=True)
+@pytest.mark.parametrize("kind", ["ior", "iow"])
+def test_extend_through_legacy_ioctl(tmp_path: Path, kind: str) -> None:
+    fake = FakeTdxGuestDevice(tmp_path, sysfs=False, legacy_extend=kind)
     g = guest(fake)
     digest = hashlib.sha384(b"event").digest()
     g.extend_rtmr(3, digest)
@@ -73,7 +75,7 @@ def test_extend_through_legacy_ioctl(tmp_path: Path) -> None:
 
 
 def test_extend_unsupported_kernel(tmp_path: Path) -> None:
-    fake = FakeTdxGuestDevice(tmp_path, sysfs=False, legacy_extend=False)
+    fake = FakeTdxGuestDevice(tmp_path, sysfs=False, legacy_extend=None)
     with pytest.raises(RtmrExtendUnsupportedError, match=r"rtmr3:sha384 is absent .*ENOTTY.*6\.16"):
         guest(fake).extend_rtmr(3, bytes(48))
     assert fake.open_fds == set()
@@ -132,7 +134,7 @@ def test_ioctl_eio(tmp_path: Path) -> None:
 def test_check(tmp_path: Path) -> None:
     results = guest(FakeTdxGuestDevice(tmp_path)).check()
     assert [(r.name, r.ok) for r in results] == [("tdx guest device", True), ("rtmr3 extend", True)]
-    legacy = guest(FakeTdxGuestDevice(tmp_path, sysfs=False, legacy_extend=True)).check()
+    legacy = guest(FakeTdxGuestDevice(tmp_path, sysfs=False, legacy_extend="ior")).check()
     assert "legacy" in legacy[1].detail
 
 

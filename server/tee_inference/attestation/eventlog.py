@@ -26,7 +26,9 @@ EVENT_PREFIX: Final = "tee-inference:"
 EVENT_IMAGE: Final = "tee-inference:image"
 EVENT_MODEL_WEIGHTS: Final = "tee-inference:model-weights"
 EVENT_KEYSET: Final = "tee-inference:keyset"
-OUR_EVENTS: Final = frozenset({EVENT_IMAGE, EVENT_MODEL_WEIGHTS, EVENT_KEYSET})
+# The GPU ready gate (tee.gpu_gate): the devices this boot attested before letting them work.
+EVENT_GPU_GATE: Final = "tee-inference:gpu-gate"
+OUR_EVENTS: Final = frozenset({EVENT_IMAGE, EVENT_MODEL_WEIGHTS, EVENT_KEYSET, EVENT_GPU_GATE})
 
 # dstack's OS ends its own RTMR3 measurements with this event; anything after it was emitted by
 # the application (dstack's EmitEvent), so platform claims count only before it.
@@ -287,8 +289,9 @@ def _clip(text: str, limit: int = 72) -> str:
 def describe_event(event: Event) -> str:
     """A short line for people: what this event measured."""
     name = event.event
-    if name in (EVENT_IMAGE, EVENT_MODEL_WEIGHTS, EVENT_KEYSET):
-        what = {EVENT_IMAGE: "image", EVENT_MODEL_WEIGHTS: "model weights", EVENT_KEYSET: "keyset"}
+    what = {EVENT_IMAGE: "image", EVENT_MODEL_WEIGHTS: "model weights", EVENT_KEYSET: "keyset",
+            EVENT_GPU_GATE: "GPU ready gate"}  # fmt: skip
+    if name in what:
         return f"tee-inference {what[name]}: {_describe_json(event.event_payload)}"
     if name in _DSTACK_MARKERS:
         return f"dstack {_DSTACK_MARKERS[name]}"

@@ -84,6 +84,12 @@ def add_parser(commands: Subparsers) -> None:
         help="with --tee tdx: quotes from the kernel's configfs-tsm or the dstack guest agent",
     )
     serve.add_argument(
+        "--gpu-ready-gate",
+        action="store_true",
+        help="at boot, attest every GPU (and NVSwitch) locally for a fresh nonce and only then set the "
+        "GPUs' confidential-computing ready state; refuse to start otherwise (recorded in RTMR3)",
+    )
+    serve.add_argument(
         "--expect-weights-root",
         metavar="HEX",
         help="refuse to start unless the model directory measures to this root",
@@ -167,6 +173,7 @@ def run(args: argparse.Namespace) -> int:
         served_models=(_served_name(args),) if args.upstream is None or args.model else None,
         model_dir=Path(args.model) if args.model and Path(args.model).is_dir() else None,
         model_weights_root=args.expect_weights_root or _fake_weights_root(args),
+        gpu_ready_gate=args.gpu_ready_gate or None,
         tdx_provider=args.tdx_provider,
         dstack_socket=args.dstack_socket,
         image_digest=args.image_digest,

@@ -72,6 +72,10 @@ class GpuProvider(Protocol):
         """Evidence from every GPU for this 32-byte nonce, in NRAS v3 payload form."""
         ...
 
+    def gate_record(self) -> JsonState | None:
+        """What the boot's GPU ready gate attested (``tee.gpu_gate``), once it passed; else None."""
+        ...
+
     def state(self) -> JsonState:
         """What a process resuming this boot needs (JSON values); see `resume_gpu`."""
         ...

@@ -4,22 +4,38 @@
 runs, so the simulated mode never needs it). Its simulated twin is `tee.gpu_simulated`.
 
 Both produce an `NvidiaPayload` (SPEC §3's ``nvidia_payload``): one entry per GPU, each the raw
-attestation report for the caller's 32-byte nonce and the device's certificate chain as PEM.
+attestation report for the caller's 32-byte nonce and the device's certificate chain as PEM. When
+NVML says the GPUs are in protected-PCIe mode (HGX: 8 GPUs, 4 NVSwitches) the NVSwitches' entries
+follow (from a `SwitchEvidenceSource`: NVML has no NVSwitch calls), and without them no evidence
+is given at all.
+
+With ``ready_gate`` the start check does not wait for someone else to set the CC ready state: it
+attests the GPUs itself and sets it (tee.gpu_gate); without, it refuses until the state is set.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import importlib
 import os
 from collections.abc import Callable, Iterator
 from typing import Any, Final
+
+from cryptography import x509
 
 from tee_inference.attestation.nvidia_certs import decode_certificate_chain
 from tee_inference.attestation.nvidia_payload import GpuEvidenceEntry, NvidiaPayload, check_nonce
 from tee_inference.attestation.nvidia_spdm import GpuAttestationError, parse_gpu_evidence
 from tee_inference.exceptions import TrustRootError
 from tee_inference.tee import JsonState, StartCheck
+from tee_inference.tee.gpu_gate import (
+    GateRecord,
+    GpuGateError,
+    SwitchEvidenceSource,
+    attest_locally,
+    with_switches,
+)
 
 NONCE_SIZE: Final = 32
 NVML_MISSING: Final = "nvidia-ml-py is not installed"
@@ -31,6 +47,9 @@ _CC_FEATURE_ENABLED: Final = 1
 _DEVTOOLS_ON: Final = 1
 _READY_TRUE: Final = 1
 _GPUS_CC_CAPABLE: Final = 1
+_READY_SET: Final = 1  # NVML_CC_ACCEPTING_CLIENT_REQUESTS_TRUE
+_MULTIGPU_PROTECTED_PCIE: Final = 1  # NVML_CC_SYSTEM_MULTIGPU_PROTECTED_PCIE
+_NVML_SUCCESS: Final = 0
 _ENVIRONMENTS: Final = {0: "UNAVAILABLE", 1: "SIM", 2: "PROD"}
 _ENVIRONMENT_PROD: Final = 2
 _CPU_CAPS: Final = {0: "none", 1: "AMD SEV", 2: "Intel TDX", 3: "AMD SEV-SNP", 4: "AMD SNP vTOM"}
@@ -91,8 +110,26 @@ class NvmlGpuProvider:
     name = "nvml"
     simulated = False
 
-    def __init__(self, nvml: Any = None) -> None:
+    def __init__(
+        self,
+        nvml: Any = None,
+        *,
+        ready_gate: bool = False,
+        switches: SwitchEvidenceSource | None = None,
+        nvidia_root: x509.Certificate | None = None,
+        allow_simulated: bool = False,
+    ) -> None:
         self._nvml = nvml
+        self._ready_gate = ready_gate
+        self._switches = switches
+        self._nvidia_root = nvidia_root  # None: NVIDIA's pinned Device Identity CA
+        self._gate: GateRecord | None = None
+        # Tests only: the NVML fakes serve simulated device chains. boot never sets it.
+        self._allow_simulated = allow_simulated
+
+    def gate_record(self) -> JsonState | None:
+        """The gate's record once it let the GPUs work (the gpu-gate event's payload), else None."""
+        return self._gate.payload() if self._gate is not None else None
 
     def _module(self) -> Any:
         if self._nvml is None:
@@ -175,6 +212,7 @@ class NvmlGpuProvider:
         )
         cc_on = int(state.ccFeature) == _CC_FEATURE_ENABLED
         devtools = int(state.devToolsMode) == _DEVTOOLS_ON
+        gate = self._ready_gate and ready != _READY_TRUE  # the gate sets it; not yet a failure
         for gpu in range(count):
             # The CC, devtools and ready states are system-wide in NVML; a line per GPU says
             # which devices the refusal covers.
@@ -189,12 +227,16 @@ class NvmlGpuProvider:
                 ),
                 StartCheck(
                     f"gpu{gpu}.ready",
-                    ready == _READY_TRUE,
+                    ready == _READY_TRUE or gate,
                     f"GPU {gpu}: ready"
                     if ready == _READY_TRUE
+                    else f"GPU {gpu}: not ready yet; the ready gate below decides"
+                    if gate
                     else f"GPU {gpu}: not ready (NVML ready state {ready}: not accepting work)",
                 ),
             ]
+        if self._ready_gate:
+            return [*results, self._run_gate(nvml, [r for r in results if not r.ok])]
         if cc_on:
             # A state that looks right is not enough: fail closed unless evidence really comes.
             try:
@@ -205,15 +247,57 @@ class NvmlGpuProvider:
                 results.append(StartCheck("gpu.evidence", False, str(exc)))
         return results
 
+    def _run_gate(self, nvml: Any, failed: list[StartCheck]) -> StartCheck:
+        """Attest every device locally and only then set the ready state (tee.gpu_gate)."""
+        if failed:
+            return StartCheck(
+                "gpu.ready-gate", False,
+                f"not attempted ({failed[0].detail}): the GPUs' ready state was not set",
+            )  # fmt: skip
+        try:
+            nonce = os.urandom(NONCE_SIZE)
+            ppcie = self._protected_pcie(nvml)
+            payload = self._collect(nvml, nonce, protected_pcie=ppcie)
+            root = self._nvidia_root
+            if root is None:
+                from tee_inference.verify.trust import production_nvidia_root
+
+                root = production_nvidia_root()
+            record = attest_locally(
+                payload, nonce, root, expect_switches=ppcie, allow_simulated=self._allow_simulated
+            )
+            self._call(nvml, "nvmlSystemSetConfComputeGpusReadyState", _READY_SET)
+            now = int(self._call(nvml, "nvmlSystemGetConfComputeGpusReadyState"))
+            if now != _READY_TRUE:
+                raise GpuGateError(f"the ready state reads {now} after it was set")
+        except TrustRootError as exc:
+            return StartCheck("gpu.ready-gate", False, f"{exc}; the GPUs' ready state was not set")
+        self._gate = record
+        switches = f" and {record.switches} NVSwitch(es)" if record.switches else ""
+        return StartCheck(
+            "gpu.ready-gate", True,
+            f"{record.gpus} GPU(s){switches} attested locally for a fresh nonce (chain to NVIDIA's root, "
+            "signature, nonce, distinct devices" + (", HGX topology" if ppcie else "") + "); ready state set",
+        )  # fmt: skip
+
+    def _protected_pcie(self, nvml: Any) -> bool:
+        """Whether NVML reports protected-PCIe (multi-GPU) mode, where NVSwitches attest too."""
+        settings = self._call(nvml, "c_nvmlSystemConfComputeSettings_v1_t")
+        # nvidia-ml-py hands this call's return code back unchecked: check it here.
+        code = int(self._call(nvml, "nvmlSystemGetConfComputeSettings", ctypes.byref(settings)))
+        if code != _NVML_SUCCESS:
+            raise NvmlCallError("nvmlSystemGetConfComputeSettings", "NVMLError", code, "", None)
+        return int(settings.multiGpuMode) == _MULTIGPU_PROTECTED_PCIE
+
     # Evidence ---------------------------------------------------------------------------------
 
     def evidence(self, nonce: bytes) -> NvidiaPayload:
         """Evidence from every GPU for this 32-byte nonce; raises a `TrustRootError` otherwise."""
         nonce = check_nonce(nonce)
         with self._session() as nvml:
-            return self._collect(nvml, nonce)
+            return self._collect(nvml, nonce, protected_pcie=self._protected_pcie(nvml))
 
-    def _collect(self, nvml: Any, nonce: bytes) -> NvidiaPayload:
+    def _collect(self, nvml: Any, nonce: bytes, *, protected_pcie: bool = False) -> NvidiaPayload:
         state = self._call(nvml, "nvmlSystemGetConfComputeState")
         if int(state.ccFeature) != _CC_FEATURE_ENABLED:
             # Without CC the driver answers the report call with an opaque NVMLError_Unknown.
@@ -227,7 +311,12 @@ class NvmlGpuProvider:
         arches = {entry.arch for entry in entries}
         if len(arches) != 1:
             raise GpuEvidenceError(f"GPUs of different architectures ({', '.join(sorted(arches))})")
-        return NvidiaPayload(nonce=nonce, entries=entries, arch=entries[0].arch)
+        payload = NvidiaPayload(nonce=nonce, entries=entries, arch=entries[0].arch)
+        if not protected_pcie:
+            return payload
+        if self._switches is None:
+            raise GpuEvidenceError("the GPUs are in protected-PCIe mode but nothing gives NVSwitch evidence")
+        return with_switches(payload, self._switches.evidence(nonce))
 
     def _entry(self, nvml: Any, gpu: int, nonce: bytes) -> GpuEvidenceEntry:
         handle = self._call(nvml, "nvmlDeviceGetHandleByIndex", gpu, gpu=gpu)

@@ -5,13 +5,17 @@ Kernel interfaces used, and where they are defined:
 - ``TDX_CMD_GET_REPORT0 = _IOWR('T', 1, struct tdx_report_req)`` on ``/dev/tdx_guest``
   (include/uapi/linux/tdx-guest.h, upstream since Linux 6.2): 64 bytes of REPORTDATA in, the
   1024-byte TDREPORT out.
-- RTMR extension and reads through sysfs, ``/sys/class/misc/tdx_guest/measurements/rtmrN:sha384``
-  (the TSM measurement-register interface, upstream since Linux 6.16): reading gives the 48 raw
-  bytes of the register, one 48-byte write extends it.
-- Before 6.16 there was no upstream way to extend an RTMR. Intel's TDX guest kernels
-  (github.com/intel/tdx, same header) and distribution kernels built from them carried
-  ``TDX_CMD_EXTEND_RTMR = _IOW('T', 3, struct tdx_extend_rtmr_req)``; it is the fallback here.
-  Kernels without either answer the ioctl with ENOTTY.
+- RTMR extension and reads through sysfs, ``/sys/devices/virtual/misc/tdx_guest/measurements/
+  rtmrN:sha384`` (Documentation/ABI/testing/sysfs-devices-virtual-misc-tdx_guest, Linux 6.16; the
+  file is a binary attribute, drivers/virt/coco/tsm-mr.c): reading gives the 48 raw bytes of the
+  register; a write must be exactly 48 bytes at offset 0 (else EINVAL) and extends it.
+- Before 6.16 there was no upstream way to extend an RTMR. Intel's TDX guest kernels carried
+  ``TDX_CMD_EXTEND_RTMR`` on the same device with ``struct tdx_extend_rtmr_req {__u8 data[48];
+  __u8 index;}``, numbered ``_IOR('T', 3, …)`` = 0x80315403 by the drivers Intel's own
+  libtdx_attest targets by default and ``_IOW('T', 3, …)`` = 0x40315403 by its "V3" driver
+  (SGXDataCenterAttestationPrimitives, QuoteGeneration/quote_wrapper/tdx_attest/tdx_attest.c).
+  Both are tried, _IOR first; kernels without either answer ENOTTY. docs/hardware-facts.md
+  lists the sources.
 
 The structs are declared to cffi exactly as the header declares them, so their sizes (and with
 them the ioctl numbers) come from the C layout, not from hand-counted offsets. The call itself
@@ -35,7 +39,7 @@ from tee_inference.tee import StartCheck
 from tee_inference.tee.configfs_tsm import describe_errno
 
 DEVICE_PATH: Final = Path("/dev/tdx_guest")
-MEASUREMENTS_DIR: Final = Path("/sys/class/misc/tdx_guest/measurements")
+MEASUREMENTS_DIR: Final = Path("/sys/devices/virtual/misc/tdx_guest/measurements")
 REPORTDATA_LEN: Final = 64
 TDREPORT_LEN: Final = 1024
 RTMR_LEN: Final = 48
@@ -58,9 +62,10 @@ _IOC_NRSHIFT, _IOC_TYPESHIFT, _IOC_SIZESHIFT, _IOC_DIRSHIFT = 0, 8, 16, 30
 _IOC_SIZEMASK: Final = (1 << 14) - 1
 _IOC_WRITE, _IOC_READ = 1, 2
 
-# TDREPORT_STRUCT (Intel TDX Module ABI): REPORTMACSTRUCT (256) with REPORTDATA at 128,
-# TEE_TCB_INFO (239) and 17 reserved bytes, then TDINFO (512) at 512: ATTRIBUTES, XFAM, MRTD at 528,
-# MRCONFIGID, MROWNER, MROWNERCONFIG, RTMR0-3 at 720.
+# TDREPORT_STRUCT (Intel TDX Module ABI; the same offsets as Linux's drivers/virt/coco/tdx-guest/
+# tdx-guest.c "TDREPORT fields" enum since 6.16): REPORTMACSTRUCT (256) with REPORTDATA at 128,
+# TEE_TCB_INFO (256) at 256, TDINFO at 512: ATTRIBUTES (8), XFAM (8), MRTD at 528, MRCONFIGID,
+# MROWNER, MROWNERCONFIG (48 each), RTMR0-3 at 720.
 _TDREPORT_REPORTDATA: Final = 128
 _TDREPORT_MRTD: Final = 528
 _TDREPORT_RTMR0: Final = 720
@@ -164,7 +169,10 @@ class _Abi:
         report_size = self.ffi.sizeof("struct tdx_report_req")
         extend_size = self.ffi.sizeof("struct tdx_extend_rtmr_req")
         self.get_report0 = ioc(_IOC_READ | _IOC_WRITE, "T", 1, report_size)
+        # Intel's TDX guest kernels numbered the extend ioctl _IOR (most) or _IOW ("V3" driver).
+        self.extend_rtmr_ior = ioc(_IOC_READ, "T", 3, extend_size)
         self.extend_rtmr = ioc(_IOC_WRITE, "T", 3, extend_size)
+        self.extend_requests = (self.extend_rtmr_ior, self.extend_rtmr)
 
 
 class TdxGuest:
@@ -189,6 +197,11 @@ class TdxGuest:
     @property
     def extend_rtmr_request(self) -> int:
         return self._abi.extend_rtmr
+
+    @property
+    def extend_rtmr_requests(self) -> tuple[int, ...]:
+        """The legacy extend ioctl numbers, in the order they are tried."""
+        return self._abi.extend_requests
 
     def get_tdreport(self, report_data: bytes) -> bytes:
         """TDREPORT0 (1024 bytes, MAC'd by the CPU) over these 64 bytes of REPORTDATA."""
@@ -234,13 +247,17 @@ class TdxGuest:
         req: Any = ffi.new("struct tdx_extend_rtmr_req *")
         ffi.memmove(req.data, digest, RTMR_LEN)
         req.index = index
-        try:
-            self._ioctl(self._abi.extend_rtmr, memoryview(ffi.buffer(req)), "TDX_CMD_EXTEND_RTMR")
-        except _NoSuchIoctl:
-            raise RtmrExtendUnsupportedError(
-                f"cannot extend RTMR{index}: {path} is absent and {self.device} has no TDX_CMD_EXTEND_RTMR "
-                "(ENOTTY); needs Linux 6.16+ (CONFIG_TSM_MEASUREMENTS) or an Intel TDX guest kernel"
-            ) from None
+        for request in self._abi.extend_requests:
+            try:
+                self._ioctl(request, memoryview(ffi.buffer(req)), "TDX_CMD_EXTEND_RTMR")
+                return
+            except _NoSuchIoctl:
+                continue
+        raise RtmrExtendUnsupportedError(
+            f"cannot extend RTMR{index}: {path} is absent and {self.device} has no TDX_CMD_EXTEND_RTMR "
+            "(ENOTTY for both 0x80315403 and 0x40315403); needs Linux 6.16+ (CONFIG_TSM_MEASUREMENTS) "
+            "or an Intel TDX guest kernel"
+        )
 
     def extend_method(self) -> str:
         """Which interface ``extend_rtmr(3, …)`` will use, without extending anything."""
@@ -292,7 +309,7 @@ class TdxGuest:
             self._io.ioctl(fd, request, buf)
         except OSError as exc:
             code = exc.errno
-            if code == errno.ENOTTY and request == self._abi.extend_rtmr:
+            if code == errno.ENOTTY and request in self._abi.extend_requests:
                 raise _NoSuchIoctl from None
             detail = {
                 errno.EIO: "; the TDCALL failed",

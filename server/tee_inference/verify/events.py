@@ -28,6 +28,7 @@ from tee_inference.attestation.eventlog import (
     DSTACK_REPEATABLE_EVENTS,
     DSTACK_RUNTIME_EVENT_TYPE,
     DSTACK_SYSTEM_READY,
+    EVENT_GPU_GATE,
     EVENT_IMAGE,
     EVENT_KEYSET,
     EVENT_MODEL_WEIGHTS,
@@ -55,6 +56,7 @@ class RuntimeClaims:
     image: dict[str, Any] | None = None
     models: dict[str, dict[str, Any]] = field(default_factory=dict)  # model name -> payload
     keyset: dict[str, Any] | None = None
+    gpu_gate: dict[str, Any] | None = None  # the boot's GPU ready gate: the devices it attested
     problems: tuple[str, ...] = ()
     ignored: tuple[str, ...] = ()  # events that carry no claim we read (reported, not trusted)
     descriptions: tuple[str, ...] = ()
@@ -172,6 +174,7 @@ def read_runtime_events(events: Sequence[Event]) -> RuntimeClaims:
         image=reader.ours.get(EVENT_IMAGE),
         models=reader.models,
         keyset=reader.ours.get(EVENT_KEYSET),
+        gpu_gate=reader.ours.get(EVENT_GPU_GATE),
         problems=tuple(reader.problems),
         ignored=tuple(reader.ignored),
         descriptions=tuple(describe_event(e) for e in events if e.imr == 3),

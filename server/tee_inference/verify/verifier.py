@@ -27,6 +27,7 @@ from tee_inference.attestation.tdx_quote import Quote
 from tee_inference.verify import events as ev
 from tee_inference.verify import report as rp
 from tee_inference.verify.gpu import check_gpu, check_nras
+from tee_inference.verify.gpu_binding import check_gpu_binding
 from tee_inference.verify.measurements import TDX_FIELDS, MeasuredValues
 from tee_inference.verify.nvsdk import GPU_NVIDIA_SDK, NvidiaSdkBackend
 from tee_inference.verify.policy import MEASUREMENTS, RELAXABLE, VerificationPolicy
@@ -186,6 +187,7 @@ class Verifier:
             rim_client=e.rim_client, ocsp_client=e.ocsp_client, now=e.now,
         )  # fmt: skip
         checks += gc.checks
+        checks.append(check_gpu_binding(claims.gpu_gate if claims is not None else None, gc.identities))
         if e.nras_client is not None and node.nvidia_payload:
             checks.append(check_nras(node.nvidia_payload, e.nonce, e.nras_client))  # pragma: no cover
         else:

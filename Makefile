@@ -29,7 +29,7 @@ run: engine model
 run-tls: engine model
 	$(ENGINE_VENV)/bin/tee-inference serve --engine vllm --tee simulated --tls self-signed \
 		--simulated-compose image/app-compose.json --image-digest $(IMAGE_DIGEST) \
-		--model $(MODEL_DIR) --host $(HOST) --port $(PORT)
+		--gpu-ready-gate --model $(MODEL_DIR) --host $(HOST) --port $(PORT)
 
 ## make run-fake: the same server with the built-in deterministic engine (starts in a second).
 run-fake: $(VENV)/.stamp

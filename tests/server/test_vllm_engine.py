@@ -45,7 +45,7 @@ def _make_run_command(port: int, *extra: str) -> list[str]:
     venv, model = _paths()
     digest = json.loads((REPO / "measurements" / "expected.json").read_text())["image_digest"][0]
     return [str(venv / "bin" / "tee-inference"), "serve", "--engine", "vllm", "--tee", "simulated",
-            "--simulated-compose", str(REPO / "image" / "app-compose.json"), "--image-digest", digest,
+            "--simulated-compose", str(REPO / "image" / "app-compose.json"), "--image-digest", digest, "--gpu-ready-gate",
             "--model", str(model), "--port", str(port), "--build-dir", str(Path("build").resolve()), *extra]  # fmt: skip
 
 

@@ -30,9 +30,10 @@ from tee_inference.attestation.eventlog import (
     EVENT_MODEL_WEIGHTS,
     Event,
 )
+from tee_inference.boot_state import BootState
 from tee_inference.config import ServerConfig
 from tee_inference.exceptions import ConfigError, KeySourceError, StartRefused, TrustRootError
-from tee_inference.keys import BootKeys, KeySource, make_key_source
+from tee_inference.keys import BootKeys, KeySource, derive_tls_key, make_key_source
 from tee_inference.services import Services
 from tee_inference.tee import GpuProvider, JsonState, StartCheck, TdxProvider
 from tee_inference.tls import TlsService, tls_for_boot
@@ -44,50 +45,6 @@ log = logging.getLogger("tee_inference.boot")
 class TrustRoots:
     tdx: TdxProvider
     gpu: GpuProvider
-
-
-@dataclass(frozen=True)
-class BootState:
-    """What a serving process needs to carry on this boot: handed from the launcher, never stored.
-
-    ``root_secret`` is the key source's secret; it travels only over the launcher's private
-    handoff socket (`handoff.py`).
-    """
-
-    root_secret: bytes
-    key_source: str
-    weights_root: str | None
-    tdx: JsonState
-    gpu: JsonState
-    tls: JsonState | None = None
-
-    def to_json(self) -> bytes:
-        return json.dumps(
-            {
-                "root_secret": self.root_secret.hex(),
-                "key_source": self.key_source,
-                "weights_root": self.weights_root,
-                "tdx": self.tdx,
-                "gpu": self.gpu,
-                "tls": self.tls,
-            },
-            separators=(",", ":"),
-        ).encode()
-
-    @classmethod
-    def from_json(cls, data: bytes) -> BootState:
-        try:
-            obj = json.loads(data)
-            return cls(
-                root_secret=bytes.fromhex(obj["root_secret"]),
-                key_source=str(obj["key_source"]),
-                weights_root=obj["weights_root"],
-                tdx=dict(obj["tdx"]),
-                gpu=dict(obj["gpu"]),
-                tls=dict(obj["tls"]) if obj.get("tls") else None,
-            )
-        except (ValueError, KeyError, TypeError) as exc:
-            raise TrustRootError(f"the boot handoff is malformed: {type(exc).__name__}") from None
 
 
 def make_trust_roots(config: ServerConfig, state: BootState | None = None) -> TrustRoots:
@@ -182,7 +139,7 @@ def boot(
     tls: TlsService | None = None
     if secret:
         try:
-            tls = tls_for_boot(config, secret)
+            tls = tls_for_boot(config, derive_tls_key(secret, config.key_epoch))
         except TrustRootError as exc:
             if config.tee != "tdx":
                 raise

@@ -16,9 +16,11 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 from tee_inference.exceptions import ConfigError
-from tee_inference.keys import DSTACK_KEY_PATH
 
 ENV_PREFIX = "TEE_INFERENCE_"
+# The dstack KMS path the signing key's root secret is asked under: part of the key's identity,
+# so it has exactly one default.
+DSTACK_KEY_PATH = "tee-inference/signing-key"
 
 
 class ServerConfig(BaseModel):

@@ -29,7 +29,8 @@ import threading
 from collections.abc import Mapping
 from typing import Final
 
-from tee_inference.boot import BootState, resume
+from tee_inference.boot import resume
+from tee_inference.boot_state import BootState
 from tee_inference.config import ServerConfig
 from tee_inference.exceptions import TrustRootError
 from tee_inference.services import Services

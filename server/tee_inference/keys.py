@@ -27,9 +27,6 @@ if TYPE_CHECKING:
     from tee_inference.tls import TlsService
 
 _HKDF_SALT = b"tee-inference/signing-key/v1"
-# The dstack KMS path the root secret is asked under: part of the key's identity, so it has
-# exactly one default.
-DSTACK_KEY_PATH: Final = "tee-inference/signing-key"
 _P256_ORDER: Final = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
 
 

@@ -27,7 +27,7 @@ from tee_inference.subrequest import call_app
 from tee_inference.tee import GpuProvider, TdxProvider
 
 if TYPE_CHECKING:
-    from tee_inference.boot import BootState
+    from tee_inference.boot_state import BootState
 
 
 class ServedModels:

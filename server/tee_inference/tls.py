@@ -314,8 +314,12 @@ class TlsService:
             self.files.close()
 
 
-def tls_for_boot(config: ServerConfig, secret: bytes) -> TlsService | None:
-    """This boot's TLS as the configuration names it (None with --tls off)."""
+def tls_for_boot(config: ServerConfig, derived: ec.EllipticCurvePrivateKey) -> TlsService | None:
+    """This boot's TLS as the configuration names it (None with --tls off).
+
+    ``derived`` is the TLS key the boot derived from its root secret (keys.derive_tls_key): ours
+    in self-signed and files mode, unused when dstack's agent hands the key.
+    """
     names = config.tls_names
     if config.tls == "off":
         return None
@@ -338,9 +342,7 @@ def tls_for_boot(config: ServerConfig, secret: bytes) -> TlsService | None:
             raise ConfigError(f"{config.tls_key}: only EC (P-256, P-384) TLS keys are supported")
         key = loaded
     else:
-        from tee_inference.keys import derive_tls_key
-
-        key = derive_tls_key(secret, config.key_epoch)
+        key = derived
     csr = certificate_request(key, names) if config.tls == "files" else None
     chain = [self_signed_certificate(key, names)]
     if config.tls == "files" and config.tls_cert is not None and config.tls_cert.exists():

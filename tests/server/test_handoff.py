@@ -11,7 +11,8 @@ import anyio
 import pytest
 
 from support.simulated_report import simulated_server_expectations
-from tee_inference.boot import BootState, boot, resume
+from tee_inference.boot import boot, resume
+from tee_inference.boot_state import BootState
 from tee_inference.config import ServerConfig
 from tee_inference.exceptions import TrustRootError
 from tee_inference.handoff import HANDOFF_ENV, HandoffServer, receive_state, services_for_process

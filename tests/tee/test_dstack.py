@@ -12,8 +12,9 @@ import pytest
 from fakes.dstack import FakeDstackAgent, serve_fake_dstack
 from tee_inference.attestation.eventlog import compare_rtmrs, load_event_log
 from tee_inference.attestation.tdx_quote import load_quote, parse_quote
+from tee_inference.config import DSTACK_KEY_PATH
 from tee_inference.exceptions import KeySourceError, TrustRootError
-from tee_inference.keys import DSTACK_KEY_PATH, KeySource, derive_signer
+from tee_inference.keys import KeySource, derive_signer
 from tee_inference.tee import TdxProvider
 from tee_inference.tee.dstack import (
     DstackClient,

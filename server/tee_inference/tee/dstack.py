@@ -35,8 +35,8 @@ import httpx
 
 from tee_inference.attestation.eventlog import Event, EventLogError, load_event_log, runtime_event
 from tee_inference.attestation.tdx_quote import QuoteFormatError, parse_quote
+from tee_inference.config import DSTACK_KEY_PATH
 from tee_inference.exceptions import KeySourceError, TrustRootError
-from tee_inference.keys import DSTACK_KEY_PATH
 from tee_inference.tee import JsonState, StartCheck
 
 log = logging.getLogger(__name__)

@@ -151,7 +151,7 @@ class ServerExchange:
         except (UnicodeDecodeError, ValueError):
             enc = b""
         if len(enc) != ENC_SIZE:
-            raise E2eeError("Ehbp-Encapsulated-Key must be 64 lowercase hex characters")
+            raise E2eeError("Ehbp-Encapsulated-Key must be 64 hex characters (a 32-byte X25519 key)")
         self.enc = enc
         try:
             self._context = _suite().create_recipient_context(

@@ -32,7 +32,7 @@ from typing import Final
 from tee_inference.boot import resume
 from tee_inference.boot_state import BootState
 from tee_inference.config import ServerConfig
-from tee_inference.exceptions import TrustRootError
+from tee_inference.exceptions import ConfigError, TrustRootError
 from tee_inference.services import Services
 
 log = logging.getLogger("tee_inference.handoff")
@@ -135,6 +135,13 @@ def services_for_process(config: ServerConfig, environ: Mapping[str, str] | None
     name = env.get(HANDOFF_ENV)
     if name:
         return resume(config, receive_state(name))
+    if config.tls != "off":
+        # The report would bind a TLS key made here, while the certificate vLLM serves was given
+        # to it by hand: only the launcher hands the same key to both.
+        raise ConfigError(
+            f"--tls {config.tls} needs the launcher to hand vLLM the attested key: "
+            "start with tee-inference serve"
+        )
     from tee_inference.boot import boot
 
     return boot(config)

@@ -315,6 +315,8 @@ class SignedExchange:
             await self.on_error_body(body, more)
         else:
             self.signed = not more
+            if self.e2ee is not None:  # an answer to an encrypted request is encrypted, signed or not
+                message = {**message, "body": self.e2ee.seal(body)}
             await self.forward(message)
 
     async def on_stream_body(self, body: bytes, more: bool) -> None:
@@ -389,6 +391,7 @@ class SignedExchange:
             # Too big to hold: send what we have and stream the rest; the id leads vLLM's JSON.
             match = _LEADING_ID.match(self.held[0] if len(self.held) == 1 else b"".join(self.held[:4]))
             self.mode = "stream"
+            self.inband = False  # a JSON body has no place for an SSE comment: fetch by id
             self.completion_id = match.group(1).decode() if match else None
             await self.forward_start([(b"x-signing-address", self.signing_address)])
             held, self.held = b"".join(self.held), []
@@ -458,7 +461,7 @@ class SignedExchange:
         replaced = {name for name, _ in extra_headers}
         kept = [(k, v) for k, v in self.start.get("headers", []) if bytes(k).lower() not in replaced]
         start["headers"] = [*kept, *extra_headers]
-        if self.e2ee is not None and self.mode != "passthrough":
+        if self.e2ee is not None:
             start["headers"] = response_headers(self.e2ee, start["headers"])
         await self.forward(start)
 

@@ -270,6 +270,13 @@ async def tls_certificate(req: Request) -> None:
     if tls is None or tls.csr_pem is None:
         await send_error(req.send, 404, "certificates are installed only in --tls files mode", code="no_csr")
         return
+    if req.services.api_key is None:
+        # Without a token anyone who reaches the port could swap in a chain of their choosing
+        # (for the same key, so not a takeover, but an outage or a misleading CA).
+        await send_error(
+            req.send, 403, "installing a certificate needs an API token (--api-key-env)", code="forbidden"
+        )
+        return
     body = await read_small_body(req.receive, 256 << 10)
     if body is None:
         await send_error(req.send, 413, "a certificate chain is at most 256 KiB")

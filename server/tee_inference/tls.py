@@ -117,6 +117,17 @@ def load_chain_for_key(chain_pem: bytes, public_key: ec.EllipticCurvePublicKey) 
     return chain
 
 
+def _check_current(leaf: x509.Certificate, now: datetime | None = None) -> None:
+    """A certificate to install must be valid now: an expired one would break every client."""
+    now = now or datetime.now(UTC)
+    if now < leaf.not_valid_before_utc:
+        raise ConfigError(
+            f"the certificate is not valid before {leaf.not_valid_before_utc:%Y-%m-%dT%H:%M:%SZ}"
+        )
+    if now > leaf.not_valid_after_utc:
+        raise ConfigError(f"the certificate expired at {leaf.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}")
+
+
 @dataclass
 class TlsIdentity:
     """This boot's TLS key and certificate chain (leaf first). The key stays in this process."""
@@ -275,6 +286,7 @@ class TlsService:
         if not isinstance(public_key, ec.EllipticCurvePublicKey):
             raise ConfigError("this server's TLS key is not an EC key; certificates cannot be installed")
         chain = load_chain_for_key(chain_pem, public_key)
+        _check_current(chain[0])
         if self.cert_path is None:
             raise ConfigError("no certificate file to replace: TLS is not served from files here")
         if self.files is not None:

@@ -50,7 +50,7 @@ def test_tamper_reorder_truncate_and_wrong_key_fail(key: X25519PrivateKey) -> No
         ServerExchange(X25519PrivateKey.generate(), client.enc_header).open_body(client.seal_body(b"x"))
     with pytest.raises(E2eeError, match="ends inside a frame"):
         ServerExchange(key, client.enc_header).open_body(client.seal_body(b"secret")[:-3])
-    with pytest.raises(E2eeError, match="64 lowercase hex"):
+    with pytest.raises(E2eeError, match="64 hex characters"):
         ServerExchange(key, b"zz")
     server = ServerExchange(key, client.enc_header)
     first, second = server.seal(b"one"), server.seal(b"two")
@@ -225,3 +225,29 @@ def test_the_verifying_client_encrypts_streams_and_checks_them(
     # The prompt never crossed in clear, nor did the answer (it came back decrypted above).
     assert MARKER.encode() not in wire
     assert whole.choices[0].message.content.encode() not in wire
+
+
+def test_an_unsigned_success_to_an_encrypted_request_is_encrypted_too() -> None:
+    """An engine's non-200 success (not a completion: nothing signed) still never goes back in clear."""
+    secret = f"engine note {MARKER}".encode()
+
+    async def engine(scope, receive, send):  # type: ignore[no-untyped-def]
+        if scope["type"] != "http" or scope["path"] != "/v1/chat/completions":
+            await FakeEngine(MODEL)(scope, receive, send)
+            return
+        while (await receive()).get("more_body"):
+            pass
+        headers = [(b"content-type", b"text/plain"), (b"content-length", str(len(secret)).encode())]
+        await send({"type": "http.response.start", "status": 202, "headers": headers})
+        await send({"type": "http.response.body", "body": secret, "more_body": False})
+
+    services = boot(ServerConfig.build(served_models=(MODEL,), model_weights_root=FakeEngine.weights_root()))
+    with running(SigningMiddleware(engine, services=services)) as url:
+        exchange, body = _sealed(services, CHAT)
+        headers = {"content-type": "application/json", "ehbp-encapsulated-key": exchange.enc_header.decode()}
+        reply = httpx.post(f"{url}/v1/chat/completions", content=body, headers=headers)
+    assert reply.status_code == 202 and "x-signature" not in reply.headers
+    assert MARKER.encode() not in reply.content
+    exchange.start_response(reply.headers["ehbp-response-nonce"])
+    assert exchange.open(reply.content) == secret
+    exchange.finish()

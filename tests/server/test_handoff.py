@@ -14,7 +14,7 @@ from support.simulated_report import simulated_server_expectations
 from tee_inference.boot import boot, resume
 from tee_inference.boot_state import BootState
 from tee_inference.config import ServerConfig
-from tee_inference.exceptions import TrustRootError
+from tee_inference.exceptions import ConfigError, TrustRootError
 from tee_inference.handoff import HANDOFF_ENV, HandoffServer, receive_state, services_for_process
 from tee_inference.verify import VerificationPolicy, Verifier, parse_expected_measurements
 
@@ -53,6 +53,12 @@ def test_resumed_process_signs_with_the_same_key_and_attests_the_same_boot() -> 
 def test_without_a_launcher_the_process_boots_itself() -> None:
     services = services_for_process(CONFIG, {})
     assert services.boot_state is not None
+
+
+def test_without_a_launcher_tls_is_refused() -> None:
+    # vLLM started by hand serves a certificate it was given; the report would bind another key.
+    with pytest.raises(ConfigError, match="start with tee-inference serve"):
+        services_for_process(CONFIG.model_copy(update={"tls": "self-signed"}), {})
 
 
 def test_state_round_trips_and_refuses_garbage() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -72,12 +73,14 @@ class TlsServer:
 
 
 @contextmanager
-def _serve(config: ServerConfig, app_wrapper: Any = None) -> Iterator[TlsServer]:
+def _serve(
+    config: ServerConfig, app_wrapper: Any = None, engine: ASGIApp | None = None
+) -> Iterator[TlsServer]:
     services = boot(config)
     tls = services.keys.tls
     assert tls is not None
     tls.write_files(None, require_ram=False)
-    app: ASGIApp = SigningMiddleware(FakeEngine(MODEL), services=services)
+    app: ASGIApp = SigningMiddleware(engine or FakeEngine(MODEL), services=services)
     if app_wrapper is not None:
         app = app_wrapper(app)
     try:
@@ -237,6 +240,63 @@ def test_async_openai_sdk_through_the_verifying_client(server: TlsServer, tmp_pa
     assert content and count > 1
 
 
+def test_concurrent_first_requests_attest_once(tmp_path: Path) -> None:
+    reports: list[str] = []
+
+    def counting(app: ASGIApp) -> ASGIApp:
+        async def wrapped(scope: Any, receive: Any, send: Any) -> None:
+            if scope["type"] == "http" and scope["path"] == "/v1/attestation/report":
+                reports.append(scope["path"])
+            await app(scope, receive, send)
+
+        return wrapped
+
+    async def go(url: str) -> int:
+        http = AsyncAttestedClient(url, model=MODEL, expect=_expected(tmp_path), allow_simulated=True)
+        assert http.attestation is None
+        llm = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", http_client=http)
+        answers = await asyncio.gather(*(llm.chat.completions.create(**CHAT) for _ in range(6)))
+        assert http.attestation is not None
+        await http.aclose()
+        return len(answers)
+
+    with _serve(_config(), app_wrapper=counting) as fresh:
+        assert anyio.run(go, fresh.url) == 6
+    assert len(reports) == 1
+
+
+@pytest.mark.parametrize("encrypt", [False, True])
+def test_an_answer_too_big_to_hold_is_checked_by_its_fetched_signature(tmp_path: Path, encrypt: bool) -> None:
+    async def engine(scope: Any, receive: Any, send: Any) -> None:
+        """vLLM's JSON answer (the id leads it), sent in 50-byte pieces."""
+        if scope["type"] != "http" or scope["path"] != "/v1/chat/completions":
+            await FakeEngine(MODEL)(scope, receive, send)
+            return
+        while (await receive()).get("more_body"):
+            pass
+        answer = json.dumps({
+            "id": f"chatcmpl-{os.urandom(16).hex()}", "object": "chat.completion", "created": 7,
+            "model": MODEL, "choices": [{"index": 0, "finish_reason": "stop",
+                                         "message": {"role": "assistant", "content": "a long answer " * 20}}],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 40, "total_tokens": 43},
+        }).encode()  # fmt: skip
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json")]})  # fmt: skip
+        for i in range(0, len(answer), 50):
+            await send({"type": "http.response.body", "body": answer[i : i + 50], "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    with _serve(_config(max_held_response_bytes=64), engine=engine) as small:
+        # The server streams the answer on once past 64 bytes: no signature headers come with it.
+        raw = httpx.post(f"{small.url}/v1/chat/completions", json=CHAT, verify=False)  # noqa: S501
+        assert raw.status_code == 200 and "x-signature-text" not in raw.headers
+        http = AttestedClient(small.url, model=MODEL, expect=_expected(tmp_path), allow_simulated=True,
+                              encrypt=encrypt)  # fmt: skip
+        llm = openai.OpenAI(base_url=f"{small.url}/v1", api_key="-", http_client=http, max_retries=0)
+        assert llm.chat.completions.create(**CHAT).choices[0].message.content
+        http.close()
+
+
 def test_the_client_refuses_a_relay_and_unverified_servers(server: TlsServer, tmp_path: Path) -> None:
     with tls_terminating_relay(server.port, str(tmp_path)) as port:
         http = AttestedClient(
@@ -285,28 +345,48 @@ def test_the_client_raises_on_altered_bytes(tmp_path: Path) -> None:
 # -- certificates from a CA for our own key ---------------------------------------------------
 
 
-def _ca_sign(csr_pem: bytes) -> bytes:
+def _ca_sign(csr_pem: bytes, starts: timedelta = timedelta(minutes=-1), days: int = 90) -> bytes:
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test CA")])
     csr = x509.load_pem_x509_csr(csr_pem)
-    now = datetime.now(UTC)
+    begins = datetime.now(UTC) + starts
     leaf = (
         x509.CertificateBuilder().subject_name(csr.subject).issuer_name(ca_name).public_key(csr.public_key())
-        .serial_number(7).not_valid_before(now - timedelta(minutes=1)).not_valid_after(now + timedelta(days=90))
+        .serial_number(7).not_valid_before(begins).not_valid_after(begins + timedelta(days=days))
         .sign(ca_key, hashes.SHA256())
     )  # fmt: skip
     return leaf.public_bytes(serialization.Encoding.PEM)
 
 
-def test_files_mode_installs_a_ca_certificate_for_the_same_key(tmp_path: Path) -> None:
-    with _serve(_config(tls="files", tls_names=("llm.example",))) as server:
-        context = ssl.create_default_context()
-        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+def test_files_mode_installs_a_ca_certificate_for_the_same_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    with _serve(_config(tls="files", tls_names=("llm.example",))) as open_server:
+        csr = httpx.get(f"{open_server.url}/v1/tls/csr", verify=context)
+        chain = _ca_sign(csr.content)
+        anyone = httpx.post(f"{open_server.url}/v1/tls/certificate", content=chain, verify=context)
+        assert anyone.status_code == 403 and "API token" in anyone.json()["error"]["message"]
+    monkeypatch.setenv("TEST_TLS_TOKEN", "s3cret")
+    config = _config(tls="files", tls_names=("llm.example",), api_key_env="TEST_TLS_TOKEN")
+    with _serve(config) as server:
+        auth = {"authorization": "Bearer s3cret"}
         before = _live_spki(server.port)
-        csr = httpx.get(f"{server.url}/v1/tls/csr", verify=context)
+        csr = httpx.get(f"{server.url}/v1/tls/csr", verify=context, headers=auth)
         assert csr.status_code == 200 and csr.content.startswith(b"-----BEGIN CERTIFICATE REQUEST-----")
         chain = _ca_sign(csr.content)
-        installed = httpx.post(f"{server.url}/v1/tls/certificate", content=chain, verify=context)
+        unauthenticated = httpx.post(f"{server.url}/v1/tls/certificate", content=chain, verify=context)
+        assert unauthenticated.status_code == 401
+        for stale in (_ca_sign(csr.content, timedelta(days=-100)), _ca_sign(csr.content, timedelta(days=2))):
+            refused = httpx.post(
+                f"{server.url}/v1/tls/certificate", content=stale, verify=context, headers=auth
+            )
+            assert refused.status_code == 400 and refused.json()["error"]["code"] == "certificate_refused"
+            assert "expired" in refused.text or "not valid before" in refused.text
+        installed = httpx.post(
+            f"{server.url}/v1/tls/certificate", content=chain, verify=context, headers=auth
+        )
         assert installed.json() == {"installed": True, "tls_cert_fingerprint": before.hex()}
         pem = ssl.get_server_certificate(("127.0.0.1", server.port))
         assert x509.load_pem_x509_certificate(pem.encode()).issuer.rfc4514_string() == "CN=test CA"
@@ -316,9 +396,13 @@ def test_files_mode_installs_a_ca_certificate_for_the_same_key(tmp_path: Path) -
             f"{server.url}/v1/tls/certificate",
             content=foreign.public_bytes(serialization.Encoding.PEM),
             verify=context,
+            headers=auth,
         )
         assert refused.status_code == 400 and refused.json()["error"]["code"] == "certificate_refused"
-        assert verify_url(server.url, MODEL, _policy(tmp_path), verifier=Verifier.production()).ok
+        verified = verify_url(
+            server.url, MODEL, _policy(tmp_path), verifier=Verifier.production(), api_key="s3cret"
+        )
+        assert verified.ok
 
 
 def test_files_mode_watches_the_certificate_file(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 
 from tee_inference.client.checks import Attestation, ResponseChecker, SignatureMismatchError
@@ -23,24 +24,39 @@ class AsyncAttestedTransport(httpx.AsyncBaseTransport):
         pin = settings.pin
         self.inner = httpx.AsyncHTTPTransport(verify=pin.context if pin is not None else True)
         self.attestation: Attestation | None = None
+        self._lock = anyio.Lock()
 
     async def attest(self) -> Attestation:
-        request, nonce, probe = self.settings.report_request()
-        async with httpx.AsyncHTTPTransport(verify=probe.context if probe is not None else True) as transport:
-            reply = await transport.handle_async_request(request)
-            body = await reply.aread()
-        self.attestation = self.settings.judge(reply.status_code, body, nonce, probe)
-        return self.attestation
+        """Attest now, with a fresh nonce; the result replaces the kept one."""
+        return await self._replace(self.attestation, force=True)
+
+    async def _replace(self, seen: Attestation | None, *, force: bool = False) -> Attestation:
+        """Attest, unless another task replaced ``seen`` (the attestation the caller used) meanwhile.
+
+        One runs at a time: concurrent first requests (or requests that all met a server's new
+        key) wait for one attestation instead of each attesting and moving the shared pin.
+        """
+        async with self._lock:
+            if not force and self.attestation is not None and self.attestation is not seen:
+                return self.attestation
+            request, nonce, probe = self.settings.report_request()
+            verify = probe.context if probe is not None else True
+            async with httpx.AsyncHTTPTransport(verify=verify) as transport:
+                reply = await transport.handle_async_request(request)
+                body = await reply.aread()
+            collateral = await self.settings.collateral.for_report(body)
+            self.attestation = self.settings.judge(reply.status_code, body, nonce, probe, collateral)
+            return self.attestation
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        attestation = self.attestation or await self.attest()
+        attestation = self.attestation or await self._replace(None)
         sent, request_hash, exchange = prepare_request(request, attestation, self.settings.encrypt)
         try:
             response = await self.inner.handle_async_request(sent)
         except httpx.ConnectError as exc:
             if not isinstance(exc.__context__, PinMismatchError) and "attested" not in str(exc):
                 raise
-            attestation = await self.attest()
+            attestation = await self._replace(attestation)
             sent, request_hash, exchange = prepare_request(request, attestation, self.settings.encrypt)
             response = await self.inner.handle_async_request(sent)
         if request_hash is None or (response.status_code != 200 and not encrypted_answer(response, exchange)):
@@ -88,7 +104,7 @@ class _AsyncCheckedStream(httpx.AsyncByteStream):
         if checker.needs_fetch:
             completion_id = checker.completion_id
             if completion_id is None:
-                raise SignatureMismatchError("the stream carries no completion id")
+                raise SignatureMismatchError("the answer carries no completion id")
             fetched = await self.transport.fetch_signature(completion_id)
         checker.verify(fetched)
 
@@ -112,15 +128,24 @@ class AsyncAttestedClient(httpx.AsyncClient):
         api_key: str | None = None,
         verifier: Verifier | None = None,
         encrypt: bool = False,
+        collateral: Any = None,
+        pccs_url: str | None = None,
+        allow_missing_collateral: bool = False,
         **kwargs: Any,
     ) -> None:
         settings = Settings.for_client(
             base_url, model, expect, allow_unmeasured=allow_unmeasured, allow_simulated=allow_simulated,
             allow_plaintext=allow_plaintext, signing_algo=signing_algo, api_key=api_key, verifier=verifier,
-            encrypt=encrypt,
+            encrypt=encrypt, collateral=collateral, pccs_url=pccs_url,
+            allow_missing_collateral=allow_missing_collateral,
         )  # fmt: skip
         self.attested_transport = AsyncAttestedTransport(settings)
         super().__init__(transport=self.attested_transport, **kwargs)
 
     async def attest(self) -> Attestation:
+        """Attest now (it happens before the first request anyway); the result is kept."""
         return await self.attested_transport.attest()
+
+    @property
+    def attestation(self) -> Attestation | None:
+        return self.attested_transport.attestation

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -9,8 +10,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import dcap_qvl
 import httpx
 
+from tee_inference.attestation.report import AttestationReport
+from tee_inference.attestation.tdx_quote import load_quote
 from tee_inference.client.checks import (
     COMPLETION_PATHS,
     INBAND_HEADER,
@@ -22,21 +26,65 @@ from tee_inference.e2ee import ENC_HEADER, NONCE_HEADER, ClientExchange
 from tee_inference.exceptions import TeeInferenceError
 from tee_inference.verify.measurements import ExpectedMeasurements, load_expected_measurements
 from tee_inference.verify.policy import VerificationPolicy
+from tee_inference.verify.quote import load_collateral
 from tee_inference.verify.tlspin import SpkiPin
 from tee_inference.verify.verifier import Verifier
 
 
 def verification_policy(
-    expect: ExpectedMeasurements | str | Path | None, allow_simulated: bool
+    expect: ExpectedMeasurements | str | Path | None,
+    allow_simulated: bool,
+    allow_missing_collateral: bool = False,
 ) -> VerificationPolicy:
     expected = []
     if expect is not None:
         expected = [
             expect if isinstance(expect, ExpectedMeasurements) else load_expected_measurements(expect)
         ]
-    return VerificationPolicy.build(
-        expected=expected, allow_simulated=allow_simulated, relax=() if expected else ("measurements",)
-    )
+    relax = [] if expected else ["measurements"]
+    if allow_missing_collateral:
+        relax.append("tcb_status")
+    return VerificationPolicy.build(expected=expected, allow_simulated=allow_simulated, relax=relax)
+
+
+class Collateral:
+    """Where the Intel collateral for the server's quote comes from (tcb_status needs it).
+
+    A fixed ``collateral`` (a QuoteCollateralV3 object or JSON file) serves an offline or pinned
+    audit; ``pccs_url`` fetches it for each attestation's quote, from a PCCS or Intel's PCS.
+    """
+
+    def __init__(self, collateral: Any, pccs_url: str | None) -> None:
+        if collateral is not None and pccs_url is not None:
+            raise TeeInferenceError("give collateral= or pccs_url=, not both")
+        if isinstance(collateral, str | Path):
+            collateral = load_collateral(collateral)
+        self.fixed, self.pccs_url = collateral, pccs_url
+
+    def for_report_sync(self, body: bytes) -> Any:
+        if self.fixed is not None or self.pccs_url is None:
+            return self.fixed  # no event loop needed, so a sync client inside async code still works
+        return asyncio.run(self.for_report(body))
+
+    async def for_report(self, body: bytes) -> Any:
+        """The collateral for the quote in this report body (None when it cannot be had)."""
+        if self.fixed is not None or self.pccs_url is None:
+            return self.fixed
+        quote = _primary_quote(body)
+        if quote is None:
+            return None  # the report does not parse: the verifier says so, with or without collateral
+        try:
+            return await dcap_qvl.get_collateral(self.pccs_url, quote)
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise TeeInferenceError(f"cannot fetch collateral from {self.pccs_url}: {exc}") from None
+
+
+def _primary_quote(body: bytes) -> bytes | None:
+    try:
+        report, _ = AttestationReport.parse(json.loads(body))
+        return load_quote(report.intel_quote).raw if report is not None else None
+    except (TeeInferenceError, ValueError):
+        return None
 
 
 class Settings:
@@ -52,8 +100,12 @@ class Settings:
         api_key: str | None,
         verifier: Verifier | None,
         encrypt: bool = False,
+        collateral: Any = None,
+        pccs_url: str | None = None,
+        allow_missing_collateral: bool = False,
     ) -> None:
         self.encrypt = encrypt
+        self.collateral = Collateral(collateral, pccs_url)
         self.base_url = base_url.rstrip("/")
         self.secure = self.base_url.lower().startswith("https://")
         if not self.secure and not allow_plaintext:
@@ -61,7 +113,7 @@ class Settings:
                 f"refusing {base_url}: use https (allow_plaintext=True for loopback development)"
             )
         self.model, self.signing_algo = model, signing_algo
-        self.policy = verification_policy(expect, allow_simulated)
+        self.policy = verification_policy(expect, allow_simulated, allow_missing_collateral)
         if not self.secure:
             self.policy = replace(self.policy, relax=self.policy.relax | {"tls_binding"})
         self.verifier = verifier or Verifier.production()
@@ -82,6 +134,9 @@ class Settings:
         api_key: str | None,
         verifier: Verifier | None,
         encrypt: bool,
+        collateral: Any = None,
+        pccs_url: str | None = None,
+        allow_missing_collateral: bool = False,
     ) -> Settings:
         """A client's settings; without an expected file, only when unmeasured is accepted by name."""
         if expect is None and not allow_unmeasured:
@@ -89,6 +144,7 @@ class Settings:
         return cls(
             base_url, model, expect, allow_simulated=allow_simulated, allow_plaintext=allow_plaintext,
             signing_algo=signing_algo, api_key=api_key, verifier=verifier, encrypt=encrypt,
+            collateral=collateral, pccs_url=pccs_url, allow_missing_collateral=allow_missing_collateral,
         )  # fmt: skip
 
     def report_request(self) -> tuple[httpx.Request, bytes, SpkiPin | None]:
@@ -113,12 +169,14 @@ class Settings:
             "GET", f"{self.base_url}/v1/signature/{completion_id}", params=params, headers=self.headers
         )
 
-    def judge(self, status: int, body: bytes, nonce: bytes, probe: SpkiPin | None) -> Attestation:
+    def judge(
+        self, status: int, body: bytes, nonce: bytes, probe: SpkiPin | None, collateral: Any = None
+    ) -> Attestation:
         if status != 200:
             raise TeeInferenceError(f"the server answered the attestation request with HTTP {status}")
         result = self.verifier.verify_report(
             body, self.policy, nonce=nonce, model=self.model, signing_algo=self.signing_algo,
-            tls_layout=True if self.secure else None,
+            tls_layout=True if self.secure else None, collateral=collateral,
         )  # fmt: skip
         if not result.ok:
             raise AttestationError(result)

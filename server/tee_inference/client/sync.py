@@ -27,23 +27,34 @@ class AttestedTransport(httpx.BaseTransport):
         self._lock = threading.Lock()
 
     def attest(self) -> Attestation:
+        """Attest now, with a fresh nonce; the result replaces the kept one."""
+        return self._replace(self.attestation, force=True)
+
+    def _replace(self, seen: Attestation | None, *, force: bool = False) -> Attestation:
+        """Attest, unless another thread replaced ``seen`` (the attestation the caller used) meanwhile.
+
+        One runs at a time, so concurrent first requests wait for one attestation.
+        """
         with self._lock:
+            if not force and self.attestation is not None and self.attestation is not seen:
+                return self.attestation
             request, nonce, probe = self.settings.report_request()
             with httpx.HTTPTransport(verify=probe.context if probe is not None else True) as transport:
                 reply = transport.handle_request(request)
                 body = reply.read()
-            self.attestation = self.settings.judge(reply.status_code, body, nonce, probe)
+            collateral = self.settings.collateral.for_report_sync(body)
+            self.attestation = self.settings.judge(reply.status_code, body, nonce, probe, collateral)
             return self.attestation
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
-        attestation = self.attestation or self.attest()
+        attestation = self.attestation or self._replace(None)
         sent, request_hash, exchange = prepare_request(request, attestation, self.settings.encrypt)
         try:
             response = self.inner.handle_request(sent)
         except httpx.ConnectError as exc:
             if not isinstance(exc.__context__, PinMismatchError) and "attested" not in str(exc):
                 raise
-            attestation = self.attest()  # the server's key changed (a reboot): attest again, once
+            attestation = self._replace(attestation)  # the key changed (a reboot): attest again, once
             sent, request_hash, exchange = prepare_request(request, attestation, self.settings.encrypt)
             response = self.inner.handle_request(sent)
         if request_hash is None or (response.status_code != 200 and not encrypted_answer(response, exchange)):
@@ -91,7 +102,7 @@ class _CheckedStream(httpx.SyncByteStream):
         if checker.needs_fetch:
             completion_id = checker.completion_id
             if completion_id is None:
-                raise SignatureMismatchError("the stream carries no completion id")
+                raise SignatureMismatchError("the answer carries no completion id")
             fetched = self.transport.fetch_signature(completion_id)
         checker.verify(fetched)
 
@@ -119,12 +130,16 @@ class AttestedClient(httpx.Client):
         api_key: str | None = None,
         verifier: Verifier | None = None,
         encrypt: bool = False,
+        collateral: Any = None,
+        pccs_url: str | None = None,
+        allow_missing_collateral: bool = False,
         **kwargs: Any,
     ) -> None:
         settings = Settings.for_client(
             base_url, model, expect, allow_unmeasured=allow_unmeasured, allow_simulated=allow_simulated,
             allow_plaintext=allow_plaintext, signing_algo=signing_algo, api_key=api_key, verifier=verifier,
-            encrypt=encrypt,
+            encrypt=encrypt, collateral=collateral, pccs_url=pccs_url,
+            allow_missing_collateral=allow_missing_collateral,
         )  # fmt: skip
         self.attested_transport = AttestedTransport(settings)
         super().__init__(transport=self.attested_transport, **kwargs)

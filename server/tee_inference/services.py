@@ -21,6 +21,7 @@ from tee_inference.e2ee import ReplayGuard
 from tee_inference.keys import BootKeys
 from tee_inference.metrics import ServingMetrics
 from tee_inference.reports import AttestationService
+from tee_inference.shared_store import MemoryUsageStore, UsageStore, node_stores
 from tee_inference.signing import CompletionSigner
 from tee_inference.store import MemorySignatureStore, SignatureStore
 from tee_inference.subrequest import call_app
@@ -94,6 +95,8 @@ class Services:
     boot_state: BootState | None = None
     # Encapsulated keys of encrypted requests already answered (bounded; e2ee.py).
     e2ee_replays: ReplayGuard = field(default_factory=ReplayGuard)
+    # Signed usage per completion (metering.py), shared as the signatures are (shared_store.py).
+    usage: UsageStore = field(default_factory=lambda: MemoryUsageStore(ttl_s=3600.0, max_entries=1 << 20))
 
     @classmethod
     def assemble(
@@ -113,6 +116,10 @@ class Services:
             on_collision=lambda _: metrics.store_collisions.inc(),
         )
         metrics.store_entries.set_function(lambda: len(store))
+        # Written through to Redis or the launcher's store when the configuration names one.
+        signatures, usage = node_stores(
+            config, keys.signer, store, lambda kind: metrics.shared_store_tampered.labels(kind).inc()
+        )
         admission = AdmissionControl(
             max_inflight=config.max_inflight_completions,
             max_ttft_s=config.max_ttft_s,
@@ -130,13 +137,14 @@ class Services:
         return cls(
             config=config,
             keys=keys,
-            store=store,
+            store=signatures,
             metrics=metrics,
             models=ServedModels(config.served_models, timeout_s=config.engine_timeout_s),
             admission=admission,
             attestation=attestation,
             info=info,
             api_key=config.api_key(),
+            usage=usage,
         )
 
     @property

@@ -85,6 +85,8 @@ class ServerConfig(BaseModel):
     node_store: str | None = None
     # A shared signature and usage store (any process, node or gateway replica answers any id).
     redis_url: str | None = None
+    # Per-tenant prefix-cache partitions: a tenant the gateway names gets its own `cache_salt`.
+    cache_isolation: bool = True
 
     @model_validator(mode="after")
     def _consistent(self) -> ServerConfig:

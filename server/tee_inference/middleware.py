@@ -33,6 +33,7 @@ from typing import Final
 
 from tee_inference import routes
 from tee_inference.asgi import ASGIApp, Message, Receive, Scope, Send, header
+from tee_inference.cachesalt import partitioned
 from tee_inference.config import ServerConfig
 from tee_inference.e2ee import (
     ENC_HEADER,
@@ -191,7 +192,7 @@ class SignedExchange:
         self.signed = False  # signed and stored: nothing the client can still receive is unsigned
         self.closed = False  # the final body message went to the client
         self.client_gone = False
-        # Scale-out hook (docs/scale-out.md): usage counted as the bytes pass.
+        # Scale-out hooks (docs/scale-out.md): usage counted as bytes pass, tenants' cache salts.
         self.meter = UsageMeter(services, app, scope)
 
     # -- request ---------------------------------------------------------------------------
@@ -251,6 +252,10 @@ class SignedExchange:
         headers = [(k, v) for k, v in self.scope["headers"] if k not in dropped]
         if self.e2ee is not None:
             headers.append((b"content-length", str(len(body)).encode("ascii")))
+        body, headers = partitioned(
+            self.services.keys.cache_salt_key, self.config.cache_isolation, self.scope, self.meter.request,
+            body, headers,
+        )  # fmt: skip
         # The engine's request state is shared with ours: vLLM leaves its usage count there.
         self.scope.setdefault("state", {})
         scope = {**self.scope, "headers": headers}

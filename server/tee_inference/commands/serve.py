@@ -133,6 +133,10 @@ def add_parser(commands: Subparsers) -> None:
         help="shared signature and usage store (redis://, rediss://, unix://): any process, node or "
         "gateway replica answers any id; records are verified when read back",
     )  # fmt: skip
+    serve.add_argument(
+        "--no-cache-isolation", action="store_true",
+        help="do not give each tenant the gateway names (X-Tee-Tenant) its own prefix-cache salt",
+    )  # fmt: skip
     add_key_options(serve)
 
 
@@ -189,6 +193,7 @@ def run(args: argparse.Namespace) -> int:
         insecure_plaintext=args.insecure_plaintext or None,
         api_server_count=args.api_server_count,
         redis_url=args.redis,
+        cache_isolation=False if args.no_cache_isolation else None,
     )
     options = ServeOptions(
         config=config,

@@ -35,6 +35,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import threading
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, replace
@@ -73,6 +74,15 @@ class SignatureMismatchError(TeeInferenceError):
 
 
 @dataclass(frozen=True)
+class AttestedNode:
+    """One verified node of a report (a gateway's lists several): its key and its body-encryption key."""
+
+    identity: str  # the ecdsa address, or the ed25519 public key (hex)
+    address: str | None
+    e2ee_public_key: bytes | None
+
+
+@dataclass(frozen=True)
 class Attestation:
     """What one verification established: the keys a response may be checked against."""
 
@@ -81,6 +91,15 @@ class Attestation:
     identity: str  # the ecdsa address, or the ed25519 public key (hex)
     tls_spki_sha256: bytes | None
     e2ee_public_key: bytes | None = None
+    nodes: tuple[AttestedNode, ...] = ()  # every verified node, this one first
+
+    def identity_for(self, named: object) -> str:
+        """The verified key a response names (a gateway's come from several nodes), else this node's."""
+        if isinstance(named, str):
+            for node in self.nodes:
+                if node.identity.lower() == named.lower():
+                    return node.identity
+        return self.identity
 
 
 def _policy(expect: ExpectedMeasurements | str | Path | None, allow_simulated: bool) -> VerificationPolicy:
@@ -215,10 +234,11 @@ class ResponseChecker:
         if not self.signed:
             return
         text = f"{self.request_hash}:{self.hash.hexdigest()}"
-        algo, identity = self.attestation.signing_algo, self.attestation.identity
+        algo = self.attestation.signing_algo
         record: Mapping[str, Any] | None = fetched or self.inband
         if record is None:
             record = self._from_headers()
+        identity = self.attestation.identity_for(self._named(record, algo))
         if record.get("text") != text:
             raise SignatureMismatchError(
                 f"the server signed {record.get('text')!r}, but the bytes exchanged hash to {text!r}"
@@ -231,6 +251,16 @@ class ResponseChecker:
         )
         if check.status.value != "pass":
             raise SignatureMismatchError(check.detail)
+
+    def _named(self, record: Mapping[str, Any], algo: str) -> object:
+        """The key the answer says signed it (checked only against verified nodes' keys)."""
+        if algo == "ecdsa":
+            return record.get("signing_address") or self.headers.get("x-signing-address")
+        return (
+            record.get("signing_public_key")
+            or record.get("signing_public_key_ed25519")
+            or self.headers.get("x-signing-public-key-ed25519")
+        )
 
     def _from_headers(self) -> dict[str, str]:
         h = self.headers
@@ -271,10 +301,16 @@ class _Settings:
         api_key: str | None,
         verifier: Verifier | None,
         encrypt: bool = False,
+        gateway: bool = False,
     ) -> None:
         self.encrypt = encrypt
         self.base_url = base_url.rstrip("/")
         self.secure = self.base_url.lower().startswith("https://")
+        if gateway and not encrypt:
+            raise TeeInferenceError(
+                "through a gateway the TLS connection ends outside the CVMs: use encrypt=True, so that "
+                "bodies are end-to-end encrypted to the node that serves them"
+            )
         if not self.secure and not allow_plaintext:
             raise TeeInferenceError(
                 f"refusing {base_url}: use https (allow_plaintext=True for loopback development)"
@@ -285,7 +321,8 @@ class _Settings:
             self.policy = replace(self.policy, relax=self.policy.relax | {"tls_binding"})
         self.verifier = verifier or Verifier.production()
         self.headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
-        self.pin = SpkiPin() if self.secure else None
+        # A gateway's TLS is its own (checked against the system's CAs); a node's is pinned.
+        self.pin = SpkiPin() if self.secure and not gateway else None
 
     def report_request(self) -> tuple[httpx.Request, bytes, SpkiPin | None]:
         """A fresh-nonce report request, and the probe pin its own connection records the key with.
@@ -296,12 +333,12 @@ class _Settings:
         """
         nonce = os.urandom(32)
         params = {"model": self.model, "nonce": nonce.hex(), "signing_algo": self.signing_algo}
-        if self.secure:
+        if self.pin is not None:
             params["include_tls_fingerprint"] = "true"
         request = httpx.Request(
             "GET", f"{self.base_url}/v1/attestation/report", params=params, headers=self.headers
         )
-        return request, nonce, SpkiPin() if self.secure else None
+        return request, nonce, SpkiPin() if self.pin is not None else None
 
     def signature_request(self, completion_id: str) -> httpx.Request:
         params = {"model": self.model, "signing_algo": self.signing_algo}
@@ -314,7 +351,7 @@ class _Settings:
             raise TeeInferenceError(f"the server answered the attestation request with HTTP {status}")
         result = self.verifier.verify_report(
             body, self.policy, nonce=nonce, model=self.model, signing_algo=self.signing_algo,
-            tls_layout=True if self.secure else None,
+            tls_layout=True if self.pin is not None else None,
         )  # fmt: skip
         if not result.ok:
             raise AttestationError(result)
@@ -333,12 +370,20 @@ class _Settings:
         e2ee = result.attested.get("e2ee_public_key")
         if self.encrypt and not isinstance(e2ee, str):
             raise TeeInferenceError("the server attests no key for encrypted bodies")
+        nodes = [AttestedNode(str(result.attested[field]), result.attested.get("signing_address"),
+                              bytes.fromhex(e2ee) if e2ee else None)]  # fmt: skip
+        for node in result.attested.get("nodes", [])[1:]:
+            if node.get("ok") and isinstance(node.get(field), str):
+                key = node.get("e2ee_public_key")
+                nodes.append(AttestedNode(node[field], node.get("signing_address"),
+                                          bytes.fromhex(key) if isinstance(key, str) else None))  # fmt: skip
         return Attestation(
             result,
             self.signing_algo,
             str(result.attested[field]),
             spki,
             bytes.fromhex(e2ee) if e2ee else None,
+            tuple(nodes),
         )
 
 
@@ -374,9 +419,15 @@ def _prepare(
     body = request.read()
     exchange = None
     if encrypt:
-        if attestation.e2ee_public_key is None:
+        # Several nodes (a gateway): seal to one of them and name it, so the gateway routes there.
+        sealable = [n for n in attestation.nodes if n.e2ee_public_key is not None]
+        if not sealable:
             raise AttestationError(attestation.result)
-        exchange = ClientExchange(attestation.e2ee_public_key)
+        target = secrets.choice(sealable)
+        assert target.e2ee_public_key is not None
+        exchange = ClientExchange(target.e2ee_public_key)
+        if len(attestation.nodes) > 1 and target.address:
+            headers["x-tee-node"] = target.address
         try:
             model = json.loads(body).get("model")
         except (ValueError, AttributeError):
@@ -499,13 +550,14 @@ class AttestedClient(httpx.Client):
         api_key: str | None = None,
         verifier: Verifier | None = None,
         encrypt: bool = False,
+        gateway: bool = False,
         **kwargs: Any,
     ) -> None:
         if expect is None and not allow_unmeasured:
             raise TeeInferenceError("give expect= (an expected-measurements file) or allow_unmeasured=True")
         settings = _Settings(
             base_url, model, expect, allow_simulated=allow_simulated, allow_plaintext=allow_plaintext,
-            signing_algo=signing_algo, api_key=api_key, verifier=verifier, encrypt=encrypt,
+            signing_algo=signing_algo, api_key=api_key, verifier=verifier, encrypt=encrypt, gateway=gateway,
         )  # fmt: skip
         self.attested_transport = AttestedTransport(settings)
         super().__init__(transport=self.attested_transport, **kwargs)
@@ -618,13 +670,14 @@ class AsyncAttestedClient(httpx.AsyncClient):
         api_key: str | None = None,
         verifier: Verifier | None = None,
         encrypt: bool = False,
+        gateway: bool = False,
         **kwargs: Any,
     ) -> None:
         if expect is None and not allow_unmeasured:
             raise TeeInferenceError("give expect= (an expected-measurements file) or allow_unmeasured=True")
         settings = _Settings(
             base_url, model, expect, allow_simulated=allow_simulated, allow_plaintext=allow_plaintext,
-            signing_algo=signing_algo, api_key=api_key, verifier=verifier, encrypt=encrypt,
+            signing_algo=signing_algo, api_key=api_key, verifier=verifier, encrypt=encrypt, gateway=gateway,
         )  # fmt: skip
         self.attested_transport = AsyncAttestedTransport(settings)
         super().__init__(transport=self.attested_transport, **kwargs)

@@ -17,35 +17,32 @@ where they already are, in this order (docs/scale-out.md, "Usage"):
    counts it (`POST /tokenize`, the same template), or a bytes/4 estimate if it cannot.
 
 Cases 1 and 2 are signed with source ``engine``, case 3 with source ``counted`` (usage.py).
-The usage is signed and stored right after the last byte went out, off the path of ``[DONE]``.
+The usage is stored right after the last byte went out, off the path of ``[DONE]``, and signed
+when first served (or at once, for a shared store: shared_store.py).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import re
 from collections.abc import Mapping
 from typing import Any, Final
 
-import anyio
-
 from tee_inference.asgi import ASGIApp, Scope, header
 from tee_inference.services import Services
 from tee_inference.store import is_storable_id
 from tee_inference.subrequest import call_app
-from tee_inference.usage import SignedUsage, Usage, UsageSource, sign_usage
+from tee_inference.usage import Usage, UsageSource
 
 log = logging.getLogger("tee_inference.metering")
 
 USAGE_REF_HEADER: Final = b"x-tee-usage-ref"
-_EVENT_END: Final = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 # An event that carries generated output: a non-empty content, text or reasoning, or a tool call.
 _GENERATED: Final = re.compile(rb'"(?:content|text|reasoning|reasoning_content)":"[^"]|"tool_calls":\[\{')
 _USAGE_OBJECT: Final = b'"usage":{'
-_MAX_PENDING: Final = 1 << 20  # an event larger than this is not counted (and not held)
-_FINISH_TIMEOUT_S: Final = 10.0
+_MAX_PENDING: Final = 64 << 10  # a usage event is a few hundred bytes
+_TAIL: Final = 32  # longer than any match of _GENERATED up to its first content byte
 
 
 def usage_numbers(value: object) -> tuple[int, int] | None:
@@ -60,47 +57,70 @@ def usage_numbers(value: object) -> tuple[int, int] | None:
 
 
 class UsageMeter:
-    """One completion's usage: fed the plaintext the client gets, finished once at the end."""
+    """One completion's usage: fed the plaintext the client gets, finished once at the end.
+
+    On the path of every chunk it does one regular-expression scan and one substring test, no
+    parsing and no copy of the stream: JSON is parsed only at the end, and only when vLLM kept
+    no count (case 2 needs none).
+    """
 
     def __init__(self, services: Services, app: ASGIApp, scope: Scope) -> None:
         self.services = services
         self.app = app
         self.scope = scope
         self.request: Mapping[str, Any] | None = None  # the parsed request, once the gate read it
-        self.reported: tuple[int, int] | None = None  # case 1
         self.generated = 0  # case 3
         self.answered = False  # a 200 answer started: there is usage to record
-        self._pending = bytearray()
+        self._usage_event: bytearray | None = None  # a stream's usage event, while it arrives
+        self._partial = b""  # the bytes of the current event so far, to find where one starts
+        self._whole: bytes | None = None  # a whole answer's body, parsed only if it is needed
 
     def feed(self, data: bytes) -> None:
         """Stream bytes (plaintext), in order, however the engine split them."""
         self.answered = True
-        self._pending += data
-        start = 0
-        for match in _EVENT_END.finditer(self._pending):
-            self._event(bytes(self._pending[start : match.start()]))
-            start = match.end()
-        del self._pending[:start]
-        if len(self._pending) > _MAX_PENDING:
-            self._pending.clear()
-
-    def _event(self, event: bytes) -> None:
-        if _GENERATED.search(event) is not None:
-            self.generated += 1
-        if _USAGE_OBJECT in event:
-            data = event.partition(b"data:")[2].strip()
-            with contextlib.suppress(ValueError, AttributeError, RecursionError):
-                self.reported = usage_numbers(json.loads(data).get("usage")) or self.reported
+        generated = len(_GENERATED.findall(data))
+        partial = self._partial
+        if partial:
+            # The last chunk ended inside an event (a proxied stream, cut by the network): a match
+            # or the usage object may straddle the seam. In-process vLLM never gets here.
+            seam = partial[-_TAIL:] + data[:_TAIL]
+            skip = min(len(partial), _TAIL)
+            generated += sum(1 for m in _GENERATED.finditer(seam) if m.start() < skip < m.end())
+        self.generated += generated
+        if self._usage_event is not None:
+            self._usage_event += data
+            if len(self._usage_event) > _MAX_PENDING:
+                self._usage_event = None  # not an event of ours
+            return
+        if _USAGE_OBJECT in data or (partial and _USAGE_OBJECT in partial[-_TAIL:] + data[:_TAIL]):
+            joined = partial + data
+            start = joined.rfind(b"\n\n", 0, joined.index(_USAGE_OBJECT))
+            self._usage_event = bytearray(joined[start + 2 if start >= 0 else 0 :])
+            return
+        if data.endswith(b"\n\n"):
+            self._partial = b""
+        else:  # keep the current event's bytes so far, to find where it starts
+            end = data.rfind(b"\n\n")
+            self._partial = data[end + 2 :] if end >= 0 else (partial + data)[-_MAX_PENDING:]
 
     def held(self, body: bytes) -> None:
         """A whole (non-streamed) answer's body, plaintext."""
         self.answered = True
+        self._whole = body
+
+    def reported(self) -> tuple[int, int] | None:
+        """Case 1: the usage in the answer itself (a whole body's, or a stream's usage event)."""
+        document = self._whole
+        if document is None and self._usage_event is not None:
+            event = bytes(self._usage_event).split(b"\n\n", 1)[0]
+            document = event.partition(b"data:")[2].strip()
+        if document is None:
+            return None
         try:
-            value = json.loads(body)
+            value = json.loads(document)
         except (ValueError, RecursionError):
-            return
-        if isinstance(value, dict):
-            self.reported = usage_numbers(value.get("usage"))
+            return None
+        return usage_numbers(value.get("usage")) if isinstance(value, dict) else None
 
     def engine_kept(self) -> tuple[int, int] | None:
         """Case 2: what vLLM recorded for middleware in the request's state, if it did."""
@@ -108,22 +128,26 @@ class UsageMeter:
         metadata = state.get("request_metadata") if isinstance(state, Mapping) else None
         return usage_numbers(getattr(metadata, "final_usage_info", None))
 
-    async def finish(self, completion_id: str | None) -> SignedUsage | None:
-        """Sign and store this completion's usage (once, after the exchange); None if there is none."""
+    async def finish(self, completion_id: str | None) -> Usage | None:
+        """Store this completion's usage (once, after the exchange; signed when served)."""
         if not self.answered or completion_id is None or not is_storable_id(completion_id):
             return None
-        with anyio.CancelScope(shield=True), anyio.move_on_after(_FINISH_TIMEOUT_S):
+        # No cancel scope here (anyio's cost per request is the size of everything else this does):
+        # every wait below is bounded on its own (the engine call, the shared store's timeouts).
+        try:
             usage = await self._usage(completion_id)
-            signed = sign_usage(self.services.signer, usage)
             ref = (header(self.scope, USAGE_REF_HEADER) or b"").decode("latin-1")
-            if not await self.services.usage.put(signed, ref if is_storable_id(ref) else None):
+            if not await self.services.usage.put(usage, ref if is_storable_id(ref) else None):
                 log.warning("usage not stored: its completion id or ref is already held")
-            self.services.metrics.usage_records.labels(usage.source).inc()
-            return signed
-        return None
+        except Exception as exc:  # the exchange is over and answered: usage never breaks it
+            log.error("usage of a completion not recorded: %s", type(exc).__name__)
+            return None
+        self.services.metrics.usage_records.labels(usage.source).inc()
+        return usage
 
     async def _usage(self, completion_id: str) -> Usage:
-        numbers = self.reported or self.engine_kept()
+        # vLLM's per-request count first: exact, and nothing to parse.
+        numbers = self.engine_kept() or self.reported()
         source: UsageSource = "engine"
         if numbers is None:
             source = "counted"

@@ -21,7 +21,7 @@ from tee_inference.e2ee import ReplayGuard
 from tee_inference.keys import BootKeys
 from tee_inference.metrics import ServingMetrics
 from tee_inference.reports import AttestationService
-from tee_inference.shared_store import MemoryUsageStore, UsageStore, node_stores
+from tee_inference.shared_store import UsageStore, node_stores
 from tee_inference.signing import CompletionSigner
 from tee_inference.store import MemorySignatureStore, SignatureStore
 from tee_inference.subrequest import call_app
@@ -90,13 +90,13 @@ class Services:
     admission: AdmissionControl
     attestation: AttestationService
     info: dict[str, Any]
+    # Signed usage per completion (metering.py), shared as the signatures are (shared_store.py).
+    usage: UsageStore
     api_key: SecretStr | None = None
     # Set by the process that ran the boot, so a launcher can hand it to vLLM's API processes.
     boot_state: BootState | None = None
     # Encapsulated keys of encrypted requests already answered (bounded; e2ee.py).
     e2ee_replays: ReplayGuard = field(default_factory=ReplayGuard)
-    # Signed usage per completion (metering.py), shared as the signatures are (shared_store.py).
-    usage: UsageStore = field(default_factory=lambda: MemoryUsageStore(ttl_s=3600.0, max_entries=1 << 20))
 
     @classmethod
     def assemble(

@@ -35,7 +35,7 @@ from tee_inference.signing import (
     ed25519_signature_matches,
 )
 from tee_inference.store import MemorySignatureStore, is_storable_id
-from tee_inference.usage import SignedUsage
+from tee_inference.usage import SignedUsage, Usage, sign_usage
 
 if TYPE_CHECKING:
     from tee_inference.config import ServerConfig
@@ -180,42 +180,60 @@ class SharedSignatureStore:
 
 
 class UsageStore(Protocol):
-    """Signed usage by completion id, and by the gateway's ref (``X-Tee-Usage-Ref``)."""
+    """Usage by completion id, and by the gateway's ref (``X-Tee-Usage-Ref``); signed when served."""
 
-    async def put(self, usage: SignedUsage, ref: str | None) -> bool: ...
+    async def put(self, usage: Usage, ref: str | None) -> bool: ...
 
     async def get(self, completion_id: str) -> SignedUsage | None: ...
 
     async def get_by_ref(self, ref: str) -> SignedUsage | None: ...
 
 
+class _UsageEntry:
+    __slots__ = ("expires", "signed", "usage")
+
+    def __init__(self, expires: float, usage: Usage, signed: SignedUsage | None) -> None:
+        self.expires, self.usage, self.signed = expires, usage, signed
+
+
 class MemoryUsageStore:
     """Bounded in-process usage records: expiry after ``ttl_s``, at most ``max_entries`` keys.
 
-    One expiry for all, so insertion order is expiry order (as in ``MemorySignatureStore``).
+    A record is signed when it is first asked for, not when it is stored: most are never fetched
+    from a node serving clients directly, and the two signatures are the costly part. Memory is
+    this process's own, so what it signs later is what it stored. One expiry for all, so
+    insertion order is expiry order (as in ``MemorySignatureStore``).
     """
 
     def __init__(
-        self, *, ttl_s: float, max_entries: int, clock: Callable[[], float] = time.monotonic
+        self,
+        signer: CompletionSigner,
+        *,
+        ttl_s: float,
+        max_entries: int,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        self.signer = signer
         self.ttl_s = ttl_s
         self.max_entries = max_entries
         self._clock = clock
-        self._records: OrderedDict[str, tuple[float, SignedUsage]] = OrderedDict()
+        self._records: OrderedDict[str, _UsageEntry] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._records)
 
-    async def put(self, usage: SignedUsage, ref: str | None) -> bool:
-        keys = [USAGE_KEY + usage.usage.completion_id]
+    async def put(self, usage: Usage | SignedUsage, ref: str | None) -> bool:
+        signed = usage if isinstance(usage, SignedUsage) else None
+        plain = usage.usage if isinstance(usage, SignedUsage) else usage
+        keys = [USAGE_KEY + plain.completion_id]
         if ref is not None and is_storable_id(ref):
             keys.append(USAGE_REF_KEY + ref)
         self._expire()
         if any(key in self._records for key in keys):
             return False  # first record wins, as for signatures
-        expires = self._clock() + self.ttl_s
+        entry = _UsageEntry(self._clock() + self.ttl_s, plain, signed)
         for key in keys:
-            self._records[key] = (expires, usage)
+            self._records[key] = entry  # one entry under both keys: signed once for both
         while len(self._records) > self.max_entries:
             self._records.popitem(last=False)
         return True
@@ -229,16 +247,24 @@ class MemoryUsageStore:
     def _get(self, key: str) -> SignedUsage | None:
         self._expire()
         entry = self._records.get(key)
-        return entry[1] if entry is not None else None
+        if entry is None:
+            return None
+        if entry.signed is None:
+            entry.signed = sign_usage(self.signer, entry.usage)
+        return entry.signed
 
     def _expire(self) -> None:
         now = self._clock()
-        while self._records and next(iter(self._records.values()))[0] <= now:
+        while self._records and next(iter(self._records.values())).expires <= now:
             self._records.popitem(last=False)
 
 
 class SharedUsageStore:
-    """``MemoryUsageStore`` written through to a shared store, verified when read back."""
+    """``MemoryUsageStore`` written through to a shared store, verified when read back.
+
+    What goes to the shared store is signed at once: another process or replica can trust it
+    only because it verifies.
+    """
 
     def __init__(
         self,
@@ -253,11 +279,12 @@ class SharedUsageStore:
         self.trusted = trusted
         self._on_tampered = on_tampered
 
-    async def put(self, usage: SignedUsage, ref: str | None) -> bool:
-        if not await self.local.put(usage, ref):
+    async def put(self, usage: Usage, ref: str | None) -> bool:
+        signed = sign_usage(self.local.signer, usage)
+        if not await self.local.put(signed, ref):
             return False
-        data = json.dumps(usage.to_record(), separators=(",", ":")).encode("ascii")
-        keys = [USAGE_KEY + usage.usage.completion_id]
+        data = json.dumps(signed.to_record(), separators=(",", ":")).encode("ascii")
+        keys = [USAGE_KEY + usage.completion_id]
         if ref is not None and is_storable_id(ref):
             keys.append(USAGE_REF_KEY + ref)
         try:
@@ -304,7 +331,7 @@ def node_stores(
 
     Without either, memory alone (as before scale-out). A node trusts only its own key on reading.
     """
-    usage = MemoryUsageStore(ttl_s=config.signature_ttl_s, max_entries=config.signature_max_entries)
+    usage = MemoryUsageStore(signer, ttl_s=config.signature_ttl_s, max_entries=config.signature_max_entries)
     kv: SharedKV | None = None
     if config.redis_url:
         from tee_inference.redis_kv import RedisKV

@@ -190,11 +190,10 @@ def test_usage_is_written_to_the_outbox_and_reported_with_the_nodes_signature(
     with gateway(config) as (url, app), httpx.Client(base_url=url, timeout=30) as client:
         streamed = chat(client, "count me", stream=True)
         whole = chat(client, "count me too")
-        wait_until(lambda: log.exists() and len(log.read_text().splitlines()) >= 2)
-        assert app.outbox.count("reported") == 2
-    records = [json.loads(line) for line in log.read_text().splitlines()]
-    for response, record in zip((streamed, whole), records, strict=True):
-        assert record["usage"]["id"] == _id(response)
+        wait_until(lambda: app.outbox.count("reported") == 2)  # appended to the log, then marked
+    records = {json.loads(line)["usage"]["id"]: json.loads(line) for line in log.read_text().splitlines()}
+    for response in (streamed, whole):
+        record = records[_id(response)]
         assert record["signing_address"] == response.headers["x-tee-node"]
         usage, checks = verify_usage(record["usage"], address=record["signing_address"])
         assert usage is not None and usage.source == "engine", checks

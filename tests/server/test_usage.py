@@ -143,12 +143,16 @@ def test_meter_counts_generated_events_across_any_split() -> None:
         b"data: [DONE]\n\n"
     )
     for cut in range(0, len(stream), 7):
-        meter.generated, meter.reported = 0, None
-        meter.feed(stream[:cut])
-        meter.feed(stream[cut:])
-        assert meter.generated == 3 and meter.reported is None
-    meter.feed(b'data: {"id":"c","choices":[],"usage":{"prompt_tokens":9,"completion_tokens":3}}\n\n')
-    assert meter.reported == (9, 3)
+        meter = UsageMeter(services, FakeEngine(MODEL), {"type": "http", "headers": []})
+        for piece in (stream[:cut], stream[cut : cut + 5], stream[cut + 5 :]):
+            meter.feed(piece)
+        assert meter.generated == 3 and meter.reported() is None, cut
+    usage_event = b'data: {"id":"c","choices":[],"usage":{"prompt_tokens":9,"completion_tokens":3}}\n\n'
+    for cut in (0, 20, 50, len(usage_event) - 1):
+        meter = UsageMeter(services, FakeEngine(MODEL), {"type": "http", "headers": []})
+        meter.feed(stream[:-14] + usage_event[:cut])
+        meter.feed(usage_event[cut:] + b"data: [DONE]\n\n")
+        assert meter.reported() == (9, 3), cut
 
 
 def test_sign_usage_binds_both_keys() -> None:

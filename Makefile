@@ -9,7 +9,7 @@ MODEL_DIR := build/models/SmolLM2-135M-Instruct
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run run-tls run-fake test test-slow fuzz soak lint bench engine model lock clean image reproduce measurements \
+.PHONY: run run-tls run-fake run-gateway test test-slow fuzz soak lint bench engine model lock clean image reproduce measurements \
 	measurements-check pin-base nvsdk-env
 
 # The image this tree builds, as measurements/expected.json records it: `make run` claims it so that
@@ -34,6 +34,11 @@ run-tls: engine model
 ## make run-fake: the same server with the built-in deterministic engine (starts in a second).
 run-fake: $(VENV)/.stamp
 	$(BIN)/tee-inference serve --engine fake --tee simulated --host $(HOST) --port $(PORT)
+
+## make run-gateway: a real redis-server, two simulated fake-engine nodes sharing it, and the gateway
+## in front of both on $(HOST):8080 (docs/gateway.md).
+run-gateway: $(VENV)/.stamp
+	BIN=$(BIN) HOST=$(HOST) PORT=8080 ./scripts/run-gateway.sh
 
 ## make test: lint, type-check and the default test suite (under ~15 minutes, no engine).
 test: $(VENV)/.stamp lint

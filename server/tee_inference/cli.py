@@ -15,11 +15,11 @@ from collections.abc import Sequence
 from types import ModuleType
 
 from tee_inference import __version__
-from tee_inference.commands import bench, keys, measure, serve
+from tee_inference.commands import bench, gateway, keys, measure, serve
 from tee_inference.exceptions import StartRefused, TeeInferenceError
 from tee_inference.verify import cli as verify
 
-COMMANDS: tuple[ModuleType, ...] = (serve, keys, verify, measure, bench)
+COMMANDS: tuple[ModuleType, ...] = (serve, gateway, keys, verify, measure, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:

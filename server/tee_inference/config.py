@@ -83,6 +83,14 @@ class ServerConfig(BaseModel):
     max_header_bytes: int = Field(default=32 << 10, ge=1024)
     # Collecting one attestation report (quote, GPU evidence); past it: 503, completions go on.
     report_timeout_s: float = Field(default=20.0, gt=0)
+    # Scale-out (docs/scale-out.md). vLLM API processes of this node (`--api-server-count`): past
+    # one, they share the launcher's store (`node_store`, the abstract socket the launcher names).
+    api_server_count: int = Field(default=1, ge=1, le=64)
+    node_store: str | None = None
+    # A shared signature and usage store (any process, node or gateway replica answers any id).
+    redis_url: str | None = None
+    # Per-tenant prefix-cache partitions: a tenant the gateway names gets its own `cache_salt`.
+    cache_isolation: bool = True
 
     @model_validator(mode="after")
     def _consistent(self) -> ServerConfig:

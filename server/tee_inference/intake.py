@@ -37,6 +37,7 @@ class Intake:
         self.request_hash = hashlib.sha256()
         self.body_bytes = 0  # counted in the admission's bytes-in-flight bound until released
         self.admitted_at = 0.0
+        self.request: dict[str, object] | None = None  # the parsed body, once the gate accepted it
 
     def release_body(self) -> None:
         self.services.admission.release_body(self.body_bytes)
@@ -146,6 +147,7 @@ class Intake:
                 param="model",
             )
             return False
+        self.request = request
         return True
 
     async def admit(self) -> bool:

@@ -114,6 +114,12 @@ def derive_e2ee_key(secret: bytes, epoch: int) -> X25519PrivateKey:
     return X25519PrivateKey.from_private_bytes(_hkdf(secret, b"e2ee-x25519/epoch=%d" % epoch))
 
 
+def derive_cache_salt_key(secret: bytes, epoch: int) -> bytes:
+    """The key that turns a tenant's name into its prefix-cache salt (cachesalt.py): the same in
+    every API process of this boot, unknown outside the CVM, so no one can compute a salt."""
+    return _hkdf(secret, b"cache-salt/epoch=%d" % epoch)
+
+
 def _hkdf64(secret: bytes, info: bytes) -> bytes:
     # 64 bytes reduced modulo the order: the bias is below 2^-256, unlike 32 bytes for P-256.
     return HKDF(algorithm=hashes.SHA256(), length=64, salt=_HKDF_SALT, info=info).derive(secret)
@@ -146,10 +152,17 @@ class BootKeys:
     signer: CompletionSigner
     e2ee: X25519PrivateKey = field(repr=False)
     tls: TlsService | None = None
+    # Not a signing key and never published (so not in the keyset event): salts tenants' caches.
+    cache_salt_key: bytes = field(default=b"", repr=False)
 
     @classmethod
     def derive(cls, secret: bytes, epoch: int, tls: TlsService | None) -> BootKeys:
-        return cls(derive_signer(secret, epoch), derive_e2ee_key(secret, epoch), tls)
+        return cls(
+            derive_signer(secret, epoch),
+            derive_e2ee_key(secret, epoch),
+            tls,
+            derive_cache_salt_key(secret, epoch),
+        )
 
     @property
     def e2ee_public_key(self) -> bytes:

@@ -85,6 +85,19 @@ class ServingMetrics:
             "Signatures currently held in memory",
             registry=self.registry,
         )
+        # Scale-out (docs/scale-out.md): signed usage, and shared-store records refused on reading.
+        self.usage_records = Counter(
+            "tee_inference_usage_records",
+            "Completions whose usage was signed and stored, by source (engine or counted)",
+            ["source"],
+            registry=self.registry,
+        )
+        self.shared_store_tampered = Counter(
+            "tee_inference_shared_store_tampered",
+            "Records read from a shared store that did not verify under a trusted key (not served)",
+            ["kind"],
+            registry=self.registry,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -33,6 +33,7 @@ from typing import Final
 
 from tee_inference import routes
 from tee_inference.asgi import ASGIApp, Message, Receive, Scope, Send, header
+from tee_inference.cachesalt import partitioned
 from tee_inference.config import ServerConfig
 from tee_inference.e2ee import (
     ENC_HEADER,
@@ -45,6 +46,7 @@ from tee_inference.e2ee import (
 from tee_inference.envelope import error_body, send_error, send_json, send_normalized_error
 from tee_inference.handoff import services_for_process
 from tee_inference.intake import Intake
+from tee_inference.metering import UsageMeter
 from tee_inference.observe import Observed, ensure_log_handler
 from tee_inference.routes import RouteTable
 from tee_inference.services import Services
@@ -76,6 +78,7 @@ ROUTES: Final[tuple[routes.Route, ...]] = (
     routes.Route("/v1/completions", POST, completion, "/v1/completions"),
     routes.Route("/v1/models", GET, routes.models, "/v1/models"),
     routes.Route(routes.SIGNATURE_PREFIX, GET, routes.signature, "signature", prefix=True),
+    routes.Route(routes.USAGE_PREFIX, GET, routes.usage_by_ref, "usage", prefix=True),
     routes.Route("/v1/attestation/report", GET, routes.attestation_report, "/v1/attestation/report"),
     routes.Route("/metrics", GET, routes.metrics, "/metrics"),
     routes.Route(KEYS_PATH, GET, routes.hpke_keys, KEYS_PATH),
@@ -189,6 +192,8 @@ class SignedExchange:
         self.signed = False  # signed and stored: nothing the client can still receive is unsigned
         self.closed = False  # the final body message went to the client
         self.client_gone = False
+        # Scale-out hooks (docs/scale-out.md): usage counted as bytes pass, tenants' cache salts.
+        self.meter = UsageMeter(services, app, scope)
 
     # -- request ---------------------------------------------------------------------------
 
@@ -203,10 +208,13 @@ class SignedExchange:
                 return
             self.request_hash = intake.request_hash
             self.admitted_at = intake.admitted_at
+            self.meter.request = intake.request
             try:
                 await self.call_engine(body, receive)
             finally:
                 self.services.admission.release()
+                scanned = self.scanner.completion_id if self.scanner else None
+                await self.meter.finish(self.completion_id or scanned)
         finally:
             intake.release_body()
             self.observed.signed = self.signed if self.mode in ("stream", "held") else None
@@ -244,6 +252,12 @@ class SignedExchange:
         headers = [(k, v) for k, v in self.scope["headers"] if k not in dropped]
         if self.e2ee is not None:
             headers.append((b"content-length", str(len(body)).encode("ascii")))
+        body, headers = partitioned(
+            self.services.keys.cache_salt_key, self.config.cache_isolation, self.scope, self.meter.request,
+            body, headers,
+        )  # fmt: skip
+        # The engine's request state is shared with ours: vLLM leaves its usage count there.
+        self.scope.setdefault("state", {})
         scope = {**self.scope, "headers": headers}
         try:
             await self.app(scope, self.replay(body, receive), self.on_engine_message)
@@ -360,6 +374,7 @@ class SignedExchange:
         self.response_hash.update(wire)
         if self.scanner is not None:
             self.scanner.feed(data)
+            self.meter.feed(data)
         if self.observed.stream_events is not None:
             self.observed.stream_events += data.count(b"\n\n")
         return wire
@@ -372,6 +387,7 @@ class SignedExchange:
         if not more:
             whole = b"".join(self.held)
             self.completion_id, self.observed.completion_tokens = completion_fields_from_json(whole)
+            self.meter.held(whole)
             if self.e2ee is not None:
                 whole = self.e2ee.seal(whole)  # one frame; its bytes are what is signed and sent
                 self.response_hash.update(whole)

@@ -28,6 +28,7 @@ from tee_inference.store import is_storable_id
 from tee_inference.subrequest import call_app
 
 SIGNATURE_PREFIX: Final = "/v1/signature/"
+USAGE_PREFIX: Final = "/v1/usage/"
 _ERROR_BODY_LIMIT: Final = 64 << 10
 _PROMETHEUS_TEXT = b"text/plain; version=0.0.4; charset=utf-8"
 _ALGO_MESSAGE: Final = f"signing_algo must be {' or '.join(repr(a) for a in SIGNING_ALGOS)}"
@@ -113,13 +114,35 @@ async def signature(req: Request) -> None:
             req.send, 404, f"no signature for completion {completion_id[:64]!r}", code="signature_not_found"
         )
         return
-    payload: dict[str, str] = {"text": record.text, "signing_algo": algo}
+    payload: dict[str, object] = {"text": record.text, "signing_algo": algo}
     if algo == "ecdsa":
         payload["signature"] = record.ecdsa.hex()
         payload["signing_address"] = record.signing_address
     else:
         payload["signature"] = record.ed25519.hex()
         payload["signing_public_key"] = record.ed25519_public_key.hex()
+    # The node's signed token counts for this completion, once recorded (usage.py, metering.py).
+    usage = await req.services.usage.get(completion_id)
+    if usage is not None:
+        payload.update(usage.fields(algo))
+    await send_json(req.send, 200, json.dumps(payload, separators=(",", ":")).encode())
+
+
+async def usage_by_ref(req: Request) -> None:
+    """The signed usage of the completion a gateway forwarded under ``X-Tee-Usage-Ref: <ref>``.
+
+    How a billing gateway learns what it forwarded, even for an encrypted body it cannot read.
+    """
+    ref = req.scope["path"][len(USAGE_PREFIX) :]
+    algo = parse_signing_algo(req.query().get("signing_algo", "ecdsa"))
+    if algo is None:
+        await send_error(req.send, 400, _ALGO_MESSAGE, param="signing_algo")
+        return
+    record = await req.services.usage.get_by_ref(ref) if is_storable_id(ref) else None
+    if record is None:
+        await send_error(req.send, 404, f"no usage under ref {ref[:64]!r} (yet)", code="usage_not_found")
+        return
+    payload = {"id": record.usage.completion_id, "signing_algo": algo, **record.fields(algo)}
     await send_json(req.send, 200, json.dumps(payload, separators=(",", ":")).encode())
 
 

@@ -39,6 +39,7 @@ from tee_inference.engines.vllm import (
 )
 from tee_inference.handoff import HandoffServer
 from tee_inference.middleware import SigningMiddleware
+from tee_inference.nodestore import NodeStoreServer
 from tee_inference.services import Services
 from tee_inference.tls import CIPHERS, CertificateWatcher, TlsService
 from tee_inference.transport import uvicorn_options
@@ -184,6 +185,11 @@ def serve(options: ServeOptions) -> int:
             tls.close()
 
 
+def _api_server_args(config: ServerConfig) -> tuple[str, ...]:
+    """vLLM's own API-process count; each process resumes this boot and signs with its key."""
+    return ("--api-server-count", str(config.api_server_count)) if config.api_server_count > 1 else ()
+
+
 def _serve_vllm(options: ServeOptions, base_url: str) -> int:
     config = options.config.model_copy(update={"served_models": (options.served_model_name,)})
     services = boot(config)
@@ -191,7 +197,14 @@ def _serve_vllm(options: ServeOptions, base_url: str) -> int:
     assert services.boot_state is not None  # set by boot()
     in_process = not options.proxy
     handoff = HandoffServer(services.boot_state).start() if in_process else None
-    env = {**os.environ, **config.to_env(), **(handoff.env() if handoff else {})}
+    # Several API processes, no Redis: they share this launcher's store (nodestore.py).
+    node_store = None
+    if in_process and config.api_server_count > 1 and not config.redis_url:
+        node_store = NodeStoreServer(
+            max_entries=config.signature_max_entries, max_bytes=config.signature_max_bytes
+        ).start()
+    child_config = config.model_copy(update={"node_store": node_store.name if node_store else None})
+    env = {**os.environ, **child_config.to_env(), **(handoff.env() if handoff else {})}
     if is_vllm_cpu():
         env.update(cpu_engine_env(options.build_dir.resolve()))
     port = options.port if in_process else free_port()
@@ -203,7 +216,7 @@ def _serve_vllm(options: ServeOptions, base_url: str) -> int:
             host=host,
             port=port,
             in_process_signing=in_process,
-            extra_args=options.engine_args,
+            extra_args=(*_api_server_args(config), *options.engine_args),
             tls_files=(tls.files.key_path, tls.files.cert_path) if tls and tls.files and in_process else None,
             tls_ciphers=CIPHERS,
         ),
@@ -243,5 +256,7 @@ def _serve_vllm(options: ServeOptions, base_url: str) -> int:
         child.stop()
         if handoff is not None:
             handoff.close()
+        if node_store is not None:
+            node_store.close()
         if tls is not None:
             tls.close()

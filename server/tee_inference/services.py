@@ -21,6 +21,7 @@ from tee_inference.e2ee import ReplayGuard
 from tee_inference.keys import BootKeys
 from tee_inference.metrics import ServingMetrics
 from tee_inference.reports import AttestationService
+from tee_inference.shared_store import UsageStore, node_stores
 from tee_inference.signing import CompletionSigner
 from tee_inference.store import MemorySignatureStore, SignatureStore
 from tee_inference.subrequest import call_app
@@ -89,6 +90,8 @@ class Services:
     admission: AdmissionControl
     attestation: AttestationService
     info: dict[str, Any]
+    # Signed usage per completion (metering.py), shared as the signatures are (shared_store.py).
+    usage: UsageStore
     api_key: SecretStr | None = None
     # Set by the process that ran the boot, so a launcher can hand it to vLLM's API processes.
     boot_state: BootState | None = None
@@ -113,6 +116,10 @@ class Services:
             on_collision=lambda _: metrics.store_collisions.inc(),
         )
         metrics.store_entries.set_function(lambda: len(store))
+        # Written through to Redis or the launcher's store when the configuration names one.
+        signatures, usage = node_stores(
+            config, keys.signer, store, lambda kind: metrics.shared_store_tampered.labels(kind).inc()
+        )
         admission = AdmissionControl(
             max_inflight=config.max_inflight_completions,
             max_ttft_s=config.max_ttft_s,
@@ -130,13 +137,14 @@ class Services:
         return cls(
             config=config,
             keys=keys,
-            store=store,
+            store=signatures,
             metrics=metrics,
             models=ServedModels(config.served_models, timeout_s=config.engine_timeout_s),
             admission=admission,
             attestation=attestation,
             info=info,
             api_key=config.api_key(),
+            usage=usage,
         )
 
     @property

@@ -20,9 +20,17 @@ class ResponseTooLarge(Exception):
 
 
 async def call_app(
-    app: ASGIApp, scope: Scope, method: str, path: str, *, limit: int, timeout_s: float = 10.0
+    app: ASGIApp,
+    scope: Scope,
+    method: str,
+    path: str,
+    *,
+    limit: int,
+    timeout_s: float = 10.0,
+    body: bytes = b"",
 ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
-    """GET-like request to `app`; returns status, headers and at most `limit` body bytes.
+    """A request to `app` (a JSON ``body`` when given); returns status, headers and at most `limit`
+    body bytes.
 
     An app that has not finished in `timeout_s` is cancelled and answers 504: an engine that
     accepts and never answers must not hold a health probe or a completion's gate.
@@ -35,9 +43,14 @@ async def call_app(
         "query_string": b"",
         "headers": [(b"accept", b"application/json"), (b"host", b"localhost")],
     }
+    if body:
+        sub_scope["headers"] += [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode("ascii")),
+        ]
     status = 500
     headers: list[tuple[bytes, bytes]] = []
-    body = bytearray()
+    answer = bytearray()
 
     async def send(message: Message) -> None:
         nonlocal status, headers
@@ -45,13 +58,13 @@ async def call_app(
             status = int(message["status"])
             headers = [(bytes(k), bytes(v)) for k, v in message.get("headers", [])]
         elif message["type"] == "http.response.body":
-            body.extend(message.get("body", b""))
-            if len(body) > limit:
+            answer.extend(message.get("body", b""))
+            if len(answer) > limit:
                 raise ResponseTooLarge(path)
 
     try:
         with anyio.fail_after(timeout_s):
-            await app(sub_scope, one_shot_receive(b""), send)
+            await app(sub_scope, one_shot_receive(body), send)
     except TimeoutError:
         log.warning("internal request %s %s took longer than %.1f s", method, path, timeout_s)
         return 504, [], b""
@@ -60,4 +73,4 @@ async def call_app(
     except Exception:
         log.exception("internal request %s %s failed", method, path)
         return 502, [], b""
-    return status, headers, bytes(body)
+    return status, headers, bytes(answer)

@@ -26,6 +26,12 @@ outside the CVM routes the request: the body it sees is ciphertext, the model na
 ``X-Tee-Model`` header, and the signature covers the ciphertext both ways (the exact bytes
 exchanged), so a third party can check it without reading the prompt.
 
+Through a gateway (docs/gateway.md) the report lists every node it routes to; a response is
+checked under the key of the node that signed it, which must be one of the verified ones, and with
+``encrypt=True`` each body is sealed to one node (named in ``X-Tee-Node`` for the gateway to route).
+``gateway=True`` says the TLS connection ends at the gateway, outside the CVMs: it is checked as any
+https site's, not pinned, and ``encrypt=True`` is then required.
+
 ``AsyncAttestedClient`` is the same for ``AsyncOpenAI``. The checks on the response bytes are
 shared (``ResponseChecker``); only the I/O differs.
 """
@@ -34,6 +40,7 @@ from tee_inference.client.aio import AsyncAttestedClient, AsyncAttestedTransport
 from tee_inference.client.checks import (
     Attestation,
     AttestationError,
+    AttestedNode,
     ResponseChecker,
     SignatureMismatchError,
 )
@@ -45,6 +52,7 @@ __all__ = [
     "Attestation",
     "AttestationError",
     "AttestedClient",
+    "AttestedNode",
     "AttestedTransport",
     "ResponseChecker",
     "SignatureMismatchError",

@@ -36,6 +36,15 @@ class SignatureMismatchError(TeeInferenceError):
 
 
 @dataclass(frozen=True)
+class AttestedNode:
+    """One verified node of a report (a gateway's lists several): its key and its body-encryption key."""
+
+    identity: str  # the ecdsa address, or the ed25519 public key (hex)
+    address: str | None
+    e2ee_public_key: bytes | None
+
+
+@dataclass(frozen=True)
 class Attestation:
     """What one verification established: the keys a response may be checked against."""
 
@@ -44,6 +53,15 @@ class Attestation:
     identity: str  # the ecdsa address, or the ed25519 public key (hex)
     tls_spki_sha256: bytes | None
     e2ee_public_key: bytes | None = None
+    nodes: tuple[AttestedNode, ...] = ()  # every verified node, this one first
+
+    def identity_for(self, named: object) -> str:
+        """The verified key a response names (a gateway's come from several nodes), else this node's."""
+        if isinstance(named, str):
+            for node in self.nodes:
+                if node.identity.lower() == named.lower():
+                    return node.identity
+        return self.identity
 
 
 class ResponseChecker:
@@ -171,10 +189,11 @@ class ResponseChecker:
         if not self.signed:
             return
         text = f"{self.request_hash}:{self.hash.hexdigest()}"
-        algo, identity = self.attestation.signing_algo, self.attestation.identity
+        algo = self.attestation.signing_algo
         record: Mapping[str, Any] | None = fetched or self.inband
         if record is None:
             record = self._from_headers()
+        identity = self.attestation.identity_for(self._named(record, algo))
         if record.get("text") != text:
             raise SignatureMismatchError(
                 f"the server signed {record.get('text')!r}, but the bytes exchanged hash to {text!r}"
@@ -187,6 +206,16 @@ class ResponseChecker:
         )
         if check.status.value != "pass":
             raise SignatureMismatchError(check.detail)
+
+    def _named(self, record: Mapping[str, Any], algo: str) -> object:
+        """The key the answer says signed it (checked only against verified nodes' keys)."""
+        if algo == "ecdsa":
+            return record.get("signing_address") or self.headers.get("x-signing-address")
+        return (
+            record.get("signing_public_key")
+            or record.get("signing_public_key_ed25519")
+            or self.headers.get("x-signing-public-key-ed25519")
+        )
 
     def _from_headers(self) -> dict[str, str]:
         h = self.headers

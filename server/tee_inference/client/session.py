@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import json
 import os
+import secrets
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from tee_inference.client.checks import (
     INBAND_HEADER,
     Attestation,
     AttestationError,
+    AttestedNode,
     SignatureMismatchError,
 )
 from tee_inference.e2ee import ENC_HEADER, NONCE_HEADER, ClientExchange
@@ -103,11 +105,17 @@ class Settings:
         collateral: Any = None,
         pccs_url: str | None = None,
         allow_missing_collateral: bool = False,
+        gateway: bool = False,
     ) -> None:
         self.encrypt = encrypt
         self.collateral = Collateral(collateral, pccs_url)
         self.base_url = base_url.rstrip("/")
         self.secure = self.base_url.lower().startswith("https://")
+        if gateway and not encrypt:
+            raise TeeInferenceError(
+                "through a gateway the TLS connection ends outside the CVMs: use encrypt=True, so that "
+                "bodies are end-to-end encrypted to the node that serves them"
+            )
         if not self.secure and not allow_plaintext:
             raise TeeInferenceError(
                 f"refusing {base_url}: use https (allow_plaintext=True for loopback development)"
@@ -118,7 +126,8 @@ class Settings:
             self.policy = replace(self.policy, relax=self.policy.relax | {"tls_binding"})
         self.verifier = verifier or Verifier.production()
         self.headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
-        self.pin = SpkiPin() if self.secure else None
+        # A gateway's TLS is its own (checked against the system's CAs); a node's is pinned.
+        self.pin = SpkiPin() if self.secure and not gateway else None
 
     @classmethod
     def for_client(
@@ -137,6 +146,7 @@ class Settings:
         collateral: Any = None,
         pccs_url: str | None = None,
         allow_missing_collateral: bool = False,
+        gateway: bool = False,
     ) -> Settings:
         """A client's settings; without an expected file, only when unmeasured is accepted by name."""
         if expect is None and not allow_unmeasured:
@@ -145,6 +155,7 @@ class Settings:
             base_url, model, expect, allow_simulated=allow_simulated, allow_plaintext=allow_plaintext,
             signing_algo=signing_algo, api_key=api_key, verifier=verifier, encrypt=encrypt,
             collateral=collateral, pccs_url=pccs_url, allow_missing_collateral=allow_missing_collateral,
+            gateway=gateway,
         )  # fmt: skip
 
     def report_request(self) -> tuple[httpx.Request, bytes, SpkiPin | None]:
@@ -156,12 +167,12 @@ class Settings:
         """
         nonce = os.urandom(32)
         params = {"model": self.model, "nonce": nonce.hex(), "signing_algo": self.signing_algo}
-        if self.secure:
+        if self.pin is not None:
             params["include_tls_fingerprint"] = "true"
         request = httpx.Request(
             "GET", f"{self.base_url}/v1/attestation/report", params=params, headers=self.headers
         )
-        return request, nonce, SpkiPin() if self.secure else None
+        return request, nonce, SpkiPin() if self.pin is not None else None
 
     def signature_request(self, completion_id: str) -> httpx.Request:
         params = {"model": self.model, "signing_algo": self.signing_algo}
@@ -176,7 +187,7 @@ class Settings:
             raise TeeInferenceError(f"the server answered the attestation request with HTTP {status}")
         result = self.verifier.verify_report(
             body, self.policy, nonce=nonce, model=self.model, signing_algo=self.signing_algo,
-            tls_layout=True if self.secure else None, collateral=collateral,
+            tls_layout=True if self.pin is not None else None, collateral=collateral,
         )  # fmt: skip
         if not result.ok:
             raise AttestationError(result)
@@ -195,12 +206,20 @@ class Settings:
         e2ee = result.attested.get("e2ee_public_key")
         if self.encrypt and not isinstance(e2ee, str):
             raise TeeInferenceError("the server attests no key for encrypted bodies")
+        nodes = [AttestedNode(str(result.attested[field]), result.attested.get("signing_address"),
+                              bytes.fromhex(e2ee) if e2ee else None)]  # fmt: skip
+        for node in result.attested.get("nodes", [])[1:]:
+            if node.get("ok") and isinstance(node.get(field), str):
+                key = node.get("e2ee_public_key")
+                nodes.append(AttestedNode(node[field], node.get("signing_address"),
+                                          bytes.fromhex(key) if isinstance(key, str) else None))  # fmt: skip
         return Attestation(
             result,
             self.signing_algo,
             str(result.attested[field]),
             spki,
             bytes.fromhex(e2ee) if e2ee else None,
+            tuple(nodes),
         )
 
 
@@ -236,9 +255,15 @@ def prepare_request(
     body = request.read()
     exchange = None
     if encrypt:
-        if attestation.e2ee_public_key is None:
+        # Several nodes (a gateway): seal to one of them and name it, so the gateway routes there.
+        sealable = [n for n in attestation.nodes if n.e2ee_public_key is not None]
+        if not sealable:
             raise AttestationError(attestation.result)
-        exchange = ClientExchange(attestation.e2ee_public_key)
+        target = secrets.choice(sealable)
+        assert target.e2ee_public_key is not None
+        exchange = ClientExchange(target.e2ee_public_key)
+        if len(attestation.nodes) > 1 and target.address:
+            headers["x-tee-node"] = target.address
         try:
             model = json.loads(body).get("model")
         except (ValueError, AttributeError):

@@ -133,13 +133,14 @@ class AttestedClient(httpx.Client):
         collateral: Any = None,
         pccs_url: str | None = None,
         allow_missing_collateral: bool = False,
+        gateway: bool = False,
         **kwargs: Any,
     ) -> None:
         settings = Settings.for_client(
             base_url, model, expect, allow_unmeasured=allow_unmeasured, allow_simulated=allow_simulated,
             allow_plaintext=allow_plaintext, signing_algo=signing_algo, api_key=api_key, verifier=verifier,
             encrypt=encrypt, collateral=collateral, pccs_url=pccs_url,
-            allow_missing_collateral=allow_missing_collateral,
+            allow_missing_collateral=allow_missing_collateral, gateway=gateway,
         )  # fmt: skip
         self.attested_transport = AttestedTransport(settings)
         super().__init__(transport=self.attested_transport, **kwargs)

@@ -129,6 +129,20 @@ def add_parser(commands: Subparsers) -> None:
         help="with --tee simulated: the app-compose file the simulated dstack platform measures "
         "(MRCONFIGID, RTMR3 compose-hash), e.g. image/app-compose.json",
     )
+    serve.add_argument(
+        "--api-server-count", type=int, metavar="N",
+        help="vLLM API processes (vLLM's --api-server-count): all sign with this boot's one key and share "
+        "one signature store (the launcher's, or --redis); see docs/scale-out.md",
+    )  # fmt: skip
+    serve.add_argument(
+        "--redis", metavar="URL",
+        help="shared signature and usage store (redis://, rediss://, unix://): any process, node or "
+        "gateway replica answers any id; records are verified when read back",
+    )  # fmt: skip
+    serve.add_argument(
+        "--no-cache-isolation", action="store_true",
+        help="do not give each tenant the gateway names (X-Tee-Tenant) its own prefix-cache salt",
+    )  # fmt: skip
     add_key_options(serve)
 
 
@@ -184,6 +198,9 @@ def run(args: argparse.Namespace) -> int:
         tls_key=args.tls_key,
         tls_dir=args.tls_dir,
         insecure_plaintext=args.insecure_plaintext or None,
+        api_server_count=args.api_server_count,
+        redis_url=args.redis,
+        cache_isolation=False if args.no_cache_isolation else None,
     )
     options = ServeOptions(
         config=config,

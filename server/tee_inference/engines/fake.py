@@ -14,6 +14,7 @@ import json
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import anyio
@@ -137,6 +138,8 @@ class FakeEngine:
             await self.completion(scope, receive, send, chat=True)
         elif (method, path) == ("POST", "/v1/completions"):
             await self.completion(scope, receive, send, chat=False)
+        elif (method, path) == ("POST", "/tokenize"):
+            await self.tokenize(receive, send)
         else:
             await _respond(send, 404, _json({"detail": "Not Found"}))
 
@@ -196,8 +199,12 @@ class FakeEngine:
             prompt = request.prompt if isinstance(request.prompt, str) else "".join(request.prompt)
             limit = request.max_tokens
         tokens, finish = generate(prompt, limit, ignore_eos=request.ignore_eos)
-        chat_overhead = 4 * len(request.messages) if isinstance(request, ChatRequest) else 0
-        prompt_tokens = _prompt_tokens(prompt) + chat_overhead
+        prompt_tokens = _count_prompt(request)
+        # vLLM keeps each request's usage for middleware in `request.state` (the scope's state),
+        # set before `data: [DONE]` only when the generation completes.
+        metadata = RequestMetadata()
+        scope.setdefault("state", {})["request_metadata"] = metadata
+        finished = UsageInfo(prompt_tokens, len(tokens))
         reply = _Reply(
             completion_id=("chatcmpl-" if chat else "cmpl-") + _base_request_id(scope, raw),
             created=int(self.clock()),
@@ -208,6 +215,7 @@ class FakeEngine:
             prompt_tokens=prompt_tokens,
         )
         if not request.stream:
+            metadata.final_usage_info = finished
             await _respond(send, 200, _json(reply.whole()))
             return
         include_usage = request.stream_options is not None and request.stream_options.include_usage
@@ -224,9 +232,49 @@ class FakeEngine:
             for event in reply.events(include_usage):
                 if self.token_delay_s:
                     await anyio.sleep(self.token_delay_s)
+                if event == b"data: [DONE]\n\n":
+                    metadata.final_usage_info = finished
                 await send({"type": "http.response.body", "body": event, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             tasks.cancel_scope.cancel()
+
+    async def tokenize(self, receive: Receive, send: Send) -> None:
+        """vLLM's `POST /tokenize` (chat messages or a prompt): the count the fake would bill."""
+        try:
+            raw = json.loads(await _read_body(receive))
+            chat = isinstance(raw, dict) and "messages" in raw
+            request: ChatRequest | CompletionRequest = (
+                ChatRequest.model_validate(raw) if chat else CompletionRequest.model_validate(raw)
+            )
+        except ValueError as exc:
+            await _respond(send, 400, _json(_error(_validation_message(exc), 400)))
+            return
+        count = _count_prompt(request)
+        answer = {"count": count, "max_model_len": self.max_model_len, "tokens": list(range(count)),
+                  "token_strs": None}  # fmt: skip
+        await _respond(send, 200, _json(answer))
+
+
+@dataclass
+class UsageInfo:
+    """The fields of vLLM's `UsageInfo` that middleware reads."""
+
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class RequestMetadata:
+    """vLLM's `RequestResponseMetadata`: `final_usage_info` is set once the answer is complete."""
+
+    final_usage_info: UsageInfo | None = None
+
+
+def _count_prompt(request: ChatRequest | CompletionRequest) -> int:
+    if isinstance(request, ChatRequest):
+        text = "\n".join(_message_text(m) for m in request.messages)
+        return _prompt_tokens(text) + 4 * len(request.messages)
+    return _prompt_tokens(request.prompt if isinstance(request.prompt, str) else "".join(request.prompt))
 
 
 class _Reply:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import textwrap
 from dataclasses import replace
 from pathlib import Path
@@ -23,6 +24,7 @@ from tee_inference.verify.policy import KNOWN_TCB_STATUSES, RELAXABLE, Verificat
 from tee_inference.verify.quote import load_collateral
 from tee_inference.verify.results import Status, VerificationResult
 from tee_inference.verify.signature import verify_signature
+from tee_inference.verify.usage import verify_usage
 from tee_inference.verify.verifier import Verifier
 
 EXIT_OK, EXIT_FAILED = 0, 1
@@ -98,7 +100,7 @@ def _evidence_options(p: argparse.ArgumentParser, *, report: bool) -> None:
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``verify`` with its four subcommands to the main command's subparsers."""
+    """Add ``verify`` with its subcommands to the main command's subparsers."""
     verify = subparsers.add_parser("verify", help="verify attestation reports, quotes, signatures, endpoints")
     commands = verify.add_subparsers(dest="verify_command", required=True)
     report = commands.add_parser("report", help="verify a saved attestation report (SPEC §3)")
@@ -123,6 +125,15 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     who.add_argument("--address", help="ecdsa signer address 0x…")
     who.add_argument("--public-key", metavar="HEX", help="ed25519 public key")
     sig.add_argument("--json", action="store_true")
+    usage = commands.add_parser(
+        "usage", help="check a node's signed usage (the answer of GET /v1/signature/{id} or /v1/usage/{ref})"
+    )
+    usage.add_argument("record", metavar="RECORD.json", help="the JSON answer, or - for stdin")
+    usage.add_argument("--id", metavar="ID", help="the completion id the usage must be for")
+    signer = usage.add_mutually_exclusive_group(required=True)
+    signer.add_argument("--address", help="the node's attested ecdsa address 0x…")
+    signer.add_argument("--public-key", metavar="HEX", help="the node's attested ed25519 public key")
+    usage.add_argument("--json", action="store_true")
     url = commands.add_parser("url", help="verify a live endpoint end to end with a fresh nonce")
     url.add_argument("base_url", metavar="BASE_URL")
     url.add_argument("--model", required=True, metavar="M")
@@ -202,6 +213,8 @@ def _run(args: argparse.Namespace) -> VerificationResult:
     if args.verify_command == "signature":
         check = verify_signature(args.text, args.signature, address=args.address, public_key=args.public_key)
         return VerificationResult((check,))
+    if args.verify_command == "usage":
+        return _usage(args)
     policy = _policy(args)
     collateral = load_collateral(args.collateral) if args.collateral else None
     verifier = _verifier(args)
@@ -250,6 +263,24 @@ def _run(args: argparse.Namespace) -> VerificationResult:
         rim_client=rim_client,
         ocsp_client=ocsp_client,
     )
+
+
+def _usage(args: argparse.Namespace) -> VerificationResult:
+    raw = sys.stdin.buffer.read() if args.record == "-" else _read(args.record)
+    try:
+        record = json.loads(raw)
+    except ValueError as exc:
+        raise VerificationError(f"{args.record} is not JSON: {exc}") from None
+    if not isinstance(record, dict):
+        raise VerificationError(f"{args.record} is not a JSON object")
+    usage, checks = verify_usage(
+        record, address=args.address, public_key=args.public_key, completion_id=args.id
+    )
+    attested = {"usage": None if usage is None else {
+        "id": usage.completion_id, "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens, "source": usage.source,
+    }}  # fmt: skip
+    return VerificationResult(tuple(checks), attested=attested)
 
 
 def format_table(result: VerificationResult, *, width: int = 100) -> str:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 import httpx
@@ -45,7 +45,9 @@ def _get_json(client: httpx.Client, path: str, params: dict[str, str]) -> tuple[
         return None, f"GET {path}: answer is not JSON"
 
 
-def _completion(client: httpx.Client, model: str, prompt: str, algo: str, identity: str) -> list[CheckResult]:
+def _completion(
+    client: httpx.Client, model: str, prompt: str, algo: str, identities: Sequence[str]
+) -> list[CheckResult]:
     body = json.dumps(
         {
             "model": model,
@@ -89,10 +91,29 @@ def _completion(client: httpx.Client, model: str, prompt: str, algo: str, identi
     else:
         out.append(CheckResult.passed(SIGNATURE_TEXT, f"sha256(request):sha256(response) = {text}"))
     signature = str(stored.get("signature", ""))
+    # Through a gateway any verified node may have served it: the record names which; that one
+    # must be among the nodes this report verified (a single node: the only one).
+    named = stored.get("signing_address" if algo == "ecdsa" else "signing_public_key")
+    identity = next(
+        (i for i in identities if isinstance(named, str) and i.lower() == named.lower()), identities[0]
+    )
     if algo == "ecdsa":
         out.append(verify_signature(text, signature, address=identity))
     else:
         out.append(verify_signature(text, signature, public_key=identity))
+    return out
+
+
+def attested_identities(attested: Mapping[str, Any], algo: str) -> list[str]:
+    """The keys a signature may be checked against: the answering node's, then every other node of
+    all_attestations that verified (a gateway's report lists each node it routes to)."""
+    field = "signing_address" if algo == "ecdsa" else "signing_public_key"
+    first = attested.get(field) if attested.get("signing_algo") == algo else None
+    out = [first] if isinstance(first, str) else []
+    for node in attested.get("nodes", [])[1:]:
+        value = node.get(field)
+        if node.get("ok") and isinstance(value, str) and value not in out:
+            out.append(value)
     return out
 
 
@@ -199,12 +220,11 @@ def verify_url(
             return result  # not one more byte to a peer that is not the attested server
         # Only what report_data bound may vouch for a signature: for ecdsa the address, for ed25519
         # the public key, and only when the report is for the algorithm we asked for.
-        field = "signing_address" if signing_algo == "ecdsa" else "signing_public_key"
-        identity = result.attested.get(field) if result.attested.get("signing_algo") == signing_algo else None
-        if not isinstance(identity, str):
+        identities = attested_identities(result.attested, signing_algo)
+        if not identities:
             missing = f"no attested {signing_algo} key (report_data did not bind one)"
             return result.extended([CheckResult.failed(SIGNATURE, missing)])
-        return result.extended(_completion(http, model, prompt, signing_algo, identity))
+        return result.extended(_completion(http, model, prompt, signing_algo, identities))
     finally:
         if own:
             http.close()

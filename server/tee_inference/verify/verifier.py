@@ -214,9 +214,19 @@ class Verifier:
                 if bound and claims and _passed(checks, rp.KEYSET_EVENT)
                 else None
             ),
+            # The keyset event names the node's other signing key: with the address it bound, both
+            # keys of the node are attested (a gateway checks stored records under both).
+            "ed25519_public_key": (
+                (claims.keyset or {}).get("ed25519_public_key")
+                if bound and claims and _passed(checks, rp.KEYSET_EVENT)
+                else None
+            ),
             "model": node.info.get("model"),
             "tcb_status": qc.tcb_status,
             "gpus": list(gc.gpus),
+            "gpu_devices": [
+                {"ueid": d.ueid, "identity_key_sha256": d.identity_key_sha256} for d in gc.identities
+            ],
         }
         if measured is not None:
             attested["measured"] = measured.summary()

@@ -308,7 +308,7 @@ class SignedExchange:
         body: bytes = message.get("body", b"")
         more = bool(message.get("more_body", False))
         if self.mode == "stream":
-            await self.on_stream_body(body, more)
+            await self.on_stream_body(body, more, message)
         elif self.mode == "held":
             await self.on_held_body(body, more)
         elif self.mode == "error":
@@ -317,7 +317,7 @@ class SignedExchange:
             self.signed = not more
             await self.forward(message)
 
-    async def on_stream_body(self, body: bytes, more: bool) -> None:
+    async def on_stream_body(self, body: bytes, more: bool, message: Message | None = None) -> None:
         if self.signed:
             # After `[DONE]`: nothing more is released, since nothing more is signed.
             if body:
@@ -332,6 +332,11 @@ class SignedExchange:
             done = self.splitter.flush() if self.splitter is not None else b""
         if ready:
             wire = self.account(ready)
+            if done is None and wire is body and message is not None:
+                # The common case, a chunk of whole events: the engine's own message goes on
+                # (its more_body is true, or `done` would be set), nothing is rebuilt.
+                await self.forward(message)
+                return
             await self.forward({"type": "http.response.body", "body": wire, "more_body": True})
         if done is None:
             return
@@ -340,8 +345,9 @@ class SignedExchange:
         if len(last) < len(done):
             log.warning("engine sent %d bytes after [DONE]; dropped", len(done) - len(last))
         wire = self.account(last)
-        if self.scanner is not None:
+        if self.scanner is not None:  # still looking (or never found one): what it has is the id
             self.completion_id = self.scanner.completion_id
+            self.scanner = None
         signature = await self.sign_and_store()
         if self.inband:
             comment = inband_comment(self.completion_id, signature)
@@ -358,6 +364,9 @@ class SignedExchange:
         self.response_hash.update(wire)
         if self.scanner is not None:
             self.scanner.feed(data)
+            if self.scanner.done:  # found (or given up): no more per-event work for the id
+                self.completion_id = self.scanner.completion_id
+                self.scanner = None
         if self.observed.stream_events is not None:
             self.observed.stream_events += data.count(b"\n\n")
         return wire
@@ -463,7 +472,12 @@ class SignedExchange:
         await self.forward(start)
 
     async def forward(self, message: Message) -> None:
-        await self.guarded(lambda: self.client_send(message))
+        # `guarded` inlined: this runs once per streamed event.
+        try:
+            await self.client_send(message)
+        except Exception:
+            self.client_gone = True
+            raise
         if message["type"] == "http.response.body" and not message.get("more_body", False):
             self.closed = True
 

@@ -189,6 +189,10 @@ class SignedExchange:
         self.signed = False  # signed and stored: nothing the client can still receive is unsigned
         self.closed = False  # the final body message went to the client
         self.client_gone = False
+        # Set once a plaintext stream's id is found and its first byte is out: from then on each
+        # event takes `on_engine_message`'s first branch (hash, count, forward) and nothing else.
+        self.hot = False
+        self.hot_events = 0
 
     # -- request ---------------------------------------------------------------------------
 
@@ -210,6 +214,8 @@ class SignedExchange:
         finally:
             intake.release_body()
             self.observed.signed = self.signed if self.mode in ("stream", "held") else None
+            if self.hot_events:
+                self.observed.stream_events = (self.observed.stream_events or 0) + self.hot_events
 
     async def decrypt(self, ciphertext: bytes) -> bytes | None:
         """The plaintext of an encrypted body, or None once a 4xx envelope has gone out."""
@@ -282,6 +288,19 @@ class SignedExchange:
     # -- response --------------------------------------------------------------------------
 
     async def on_engine_message(self, message: Message) -> None:
+        if self.hot and message["type"] == "http.response.body" and message.get("more_body", False):
+            body: bytes = message.get("body", b"")
+            assert self.splitter is not None  # hot implies a stream that began as one
+            if self.splitter.passes(body):
+                # A chunk of whole events, no [DONE]: what `on_stream_body` would do, in one frame.
+                self.response_hash.update(body)
+                self.hot_events += body.count(b"\n\n")
+                try:
+                    await self.observed.downstream(message)
+                except Exception:
+                    self.client_gone = True
+                    raise
+                return
         if message["type"] == "http.response.start":
             self.start = message
             headers = message.get("headers", [])
@@ -305,7 +324,7 @@ class SignedExchange:
         if message["type"] != "http.response.body":
             await self.forward(message)
             return
-        body: bytes = message.get("body", b"")
+        body = message.get("body", b"")
         more = bool(message.get("more_body", False))
         if self.mode == "stream":
             await self.on_stream_body(body, more, message)
@@ -336,11 +355,18 @@ class SignedExchange:
                 # The common case, a chunk of whole events: the engine's own message goes on
                 # (its more_body is true, or `done` would be set), nothing is rebuilt.
                 await self.forward(message)
+                self.hot = (
+                    self.splitter is not None  # not a held body turned into a stream
+                    and self.scanner is None
+                    and self.e2ee is None
+                    and self.observed.first_byte is not None
+                )
                 return
             await self.forward({"type": "http.response.body", "body": wire, "more_body": True})
         if done is None:
             return
         # The last bytes: hash, sign and store first, then release them.
+        self.hot = False
         last = done[: len(DONE_EVENT)] if done.startswith(DONE_EVENT) else done
         if len(last) < len(done):
             log.warning("engine sent %d bytes after [DONE]; dropped", len(done) - len(last))

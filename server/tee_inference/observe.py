@@ -31,6 +31,7 @@ class Observed:
         "_send",
         "completion_id",
         "completion_tokens",
+        "downstream",
         "first_byte",
         "method",
         "metrics",
@@ -46,6 +47,9 @@ class Observed:
         self.route = route
         self.method = method
         self._send = send
+        # Where `send` forwards to. Once the response started and its first byte went out, `send`
+        # only forwards: a stream's later events may go here directly.
+        self.downstream = send
         self.started = time.perf_counter()
         self.first_byte: float | None = None
         self.status = 0

@@ -141,12 +141,14 @@ class DoneSplitter:
         return ready, None
 
     def passes(self, chunk: bytes) -> bool:
-        """Whether `chunk` goes out as it is, as `feed` would release it (and then it is fed).
+        """Whether `chunk` is one single-line event other than `[DONE]`, released as `feed` would.
 
-        True when nothing is held, the chunk ends an event and holds no `data: [DONE]\\n\\n`: the
-        common case, checked with three C-level scans and no copy; otherwise call `feed`.
+        True when nothing is held and the chunk's only line break is its closing blank line: then
+        its one event boundary is its start (the previous chunk ended an event), and an event
+        that starts there and is not exactly `data: [DONE]\\n\\n` is not the last. That is every
+        token event of vLLM, checked with one `memchr` and no copy; on False, call `feed`.
         """
-        if self._pending or not chunk.endswith(b"\n\n") or DONE_EVENT in chunk:
+        if self._pending or chunk.find(b"\n") != len(chunk) - 2 or chunk[-1:] != b"\n" or chunk == DONE_EVENT:
             return False
         self._tail = b"\n\n"
         return True

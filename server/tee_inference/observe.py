@@ -22,6 +22,8 @@ from tee_inference.asgi import Message, Send
 from tee_inference.metrics import ServingMetrics
 
 access_log = logging.getLogger("tee_inference.access")
+# What json.dumps(line, separators=(",", ":")) does, without building an encoder per request.
+_compact_json = json.JSONEncoder(separators=(",", ":")).encode
 
 
 class Observed:
@@ -63,14 +65,15 @@ class Observed:
             self.status = int(message["status"])
         elif self.first_byte is None and message.get("body"):
             self.first_byte = time.perf_counter()
-            self.metrics.first_byte.labels(self.route).observe(self.first_byte - self.started)
+            self.metrics.child(self.metrics.first_byte, self.route).observe(self.first_byte - self.started)
         await self._send(message)
 
     def finish(self) -> None:
         elapsed = time.perf_counter() - self.started
         status = self.status or 499
-        self.metrics.requests.labels(self.route, str(status)).inc()
-        self.metrics.latency.labels(self.route).observe(elapsed)
+        metrics = self.metrics
+        metrics.child(metrics.requests, self.route, str(status)).inc()
+        metrics.child(metrics.latency, self.route).observe(elapsed)
         if access_log.isEnabledFor(logging.INFO):
             line = {
                 "request": "access",
@@ -86,7 +89,7 @@ class Observed:
                 "stream_events": self.stream_events,
                 "signed": self.signed,
             }
-            access_log.info(json.dumps(line, separators=(",", ":")))
+            access_log.info(_compact_json(line))
 
 
 def ensure_log_handler() -> None:

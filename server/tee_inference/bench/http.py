@@ -185,6 +185,11 @@ def generator_used(generator: str) -> str:
     return "wrk" if generator != "python" and wrk_path() is not None else "python raw-socket client"
 
 
+def _ratio(value: float, base: float) -> float | None:
+    """value / base, or None where the base completed nothing (a peer that failed every request)."""
+    return round(value / base, 3) if base > 0 else None
+
+
 def _stats(values: list[float]) -> dict[str, float]:
     return {
         "median": round(statistics.median(values), 3),
@@ -211,7 +216,7 @@ def summarize(
             }
         base = rows.get("engine") or next(iter(rows.values()))
         for row in rows.values():
-            row["rps_vs_engine"] = round(row["rps"]["median"] / base["rps"]["median"], 3)
+            row["rps_vs_engine"] = _ratio(row["rps"]["median"], base["rps"]["median"])
             row["added_p50_ms"] = round(row["p50_ms"]["median"] - base["p50_ms"]["median"], 3)
         scenarios[key] = {"shape": shape_name, "concurrency": int(concurrency), "targets": rows}
     return {"generator": generator, "scenarios": scenarios, "targets": targets_summary(scenarios)}
@@ -226,13 +231,13 @@ def targets_summary(scenarios: dict[str, Any]) -> dict[str, Any]:
             continue
         proxy, bare = rows["proxy"], rows["passthrough"]
         entry = {
-            "proxy_rps_vs_passthrough": round(proxy["rps"]["median"] / bare["rps"]["median"], 3),
+            "proxy_rps_vs_passthrough": _ratio(proxy["rps"]["median"], bare["rps"]["median"]),
             "proxy_added_p50_ms_vs_passthrough": round(
                 proxy["p50_ms"]["median"] - bare["p50_ms"]["median"], 3
             ),
         }
         for name, row in rows.items():
             if name not in LOCAL_TARGETS:
-                entry[f"proxy_rps_vs_{name}"] = round(proxy["rps"]["median"] / row["rps"]["median"], 2)
+                entry[f"proxy_rps_vs_{name}"] = _ratio(proxy["rps"]["median"], row["rps"]["median"])
         out[key] = entry
     return out

@@ -54,8 +54,9 @@ def table(report: dict[str, Any]) -> str:
                 rps, ttfb = row["rps"], row["ttfb_c1_ms"]
                 spread = f"[{rps['min']:.0f}-{rps['max']:.0f}]"
                 errors = f"  {row['errors']} errors" if row["errors"] else ""
+                vs_engine = "-" if row["rps_vs_engine"] is None else f"{row['rps_vs_engine']:.3f}"
                 lines.append(
-                    f"  {name:14} {rps['median']:>9.0f} {spread:>17} {row['rps_vs_engine']:>8.3f} "
+                    f"  {name:14} {rps['median']:>9.0f} {spread:>17} {vs_engine:>8} "
                     f"{row['p50_ms']['median']:>8.2f} {row['p99_ms']['median']:>8.2f} "
                     f"{ttfb['median'] if ttfb else float('nan'):>9.2f}{errors}"
                 )

@@ -31,7 +31,12 @@ def test_quick_bench_writes_a_well_formed_report(tmp_path: Path, capsys: pytest.
 
     http = printed["http"]
     assert http["generator"] == "python raw-socket client"
-    assert set(http["scenarios"]) == {"whole-small c=1", "whole-small c=16", "stream-small c=1", "stream-small c=16"}
+    assert set(http["scenarios"]) == {
+        "whole-small c=1",
+        "whole-small c=16",
+        "stream-small c=1",
+        "stream-small c=16",
+    }
     for scenario in http["scenarios"].values():
         rows = scenario["targets"]
         assert list(rows) == ["engine", "in-process", "proxy", "passthrough"]

@@ -33,6 +33,7 @@ from tee_inference.bench.engine import CannedEngine
 from tee_inference.boot import boot
 from tee_inference.config import ServerConfig
 from tee_inference.middleware import SigningMiddleware
+from tee_inference.observe import log_handler
 
 MODEL = "bench-model"
 
@@ -139,8 +140,7 @@ def vllm_environment() -> Iterator[None]:
     access = logging.getLogger("tee_inference.access")
     level, propagate = access.level, access.propagate
     with open(os.devnull, "w") as sink:
-        handler = logging.StreamHandler(sink)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler = log_handler(sink)  # the handler `ensure_log_handler` gives our loggers in vLLM
         access.addHandler(handler)
         access.setLevel(logging.INFO)
         access.propagate = False

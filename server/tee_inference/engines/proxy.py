@@ -150,7 +150,7 @@ class ProxyApp:
                 response = await self.session().request(
                     scope["method"],
                     self.upstream_url + scope["path"],
-                    data=body,
+                    data=body or None,  # aiohttp gives even an empty payload a content-type
                     headers=headers,
                     timeout=timeout,
                 )

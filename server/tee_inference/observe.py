@@ -17,9 +17,9 @@ import json
 import logging
 import sys
 import time
-from typing import TextIO
 
 from tee_inference.asgi import Message, Send
+from tee_inference.logformat import log_handler
 from tee_inference.metrics import ServingMetrics
 
 access_log = logging.getLogger("tee_inference.access")
@@ -105,38 +105,3 @@ def ensure_log_handler() -> None:
         return
     ours.addHandler(log_handler(sys.stderr))
     ours.setLevel(logging.INFO)
-
-
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-
-
-class SecondCachedFormatter(logging.Formatter):
-    """`logging.Formatter(fmt)` to the byte, with the date part of `asctime` made once a second.
-
-    One access line per request goes through this formatter inside vLLM; `time.strftime` was a
-    fixed few µs of each. Records of the same second share the formatted date; the
-    milliseconds are added per record exactly as `Formatter.formatTime` adds them.
-    """
-
-    def __init__(self, fmt: str = LOG_FORMAT) -> None:
-        super().__init__(fmt)
-        self._second: int | None = None
-        self._date = ""
-
-    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
-        if datefmt is not None:
-            return super().formatTime(record, datefmt)
-        second = int(record.created)
-        if second != self._second:
-            self._date = time.strftime(self.default_time_format, self.converter(record.created))
-            self._second = second
-        if self.default_msec_format:
-            return self.default_msec_format % (self._date, record.msecs)
-        return self._date
-
-
-def log_handler(stream: TextIO) -> logging.Handler:
-    """The handler our loggers get inside vLLM: one line per record on `stream`."""
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(SecondCachedFormatter())
-    return handler

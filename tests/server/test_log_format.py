@@ -1,4 +1,4 @@
-"""The handler our loggers get inside vLLM formats exactly as `logging.Formatter` would."""
+"""Our handler formats exactly as `logging.Formatter` would."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from tee_inference.observe import LOG_FORMAT, SecondCachedFormatter
+from tee_inference.logformat import LOG_FORMAT, SecondCachedFormatter
 
 
 @pytest.mark.parametrize(

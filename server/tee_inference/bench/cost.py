@@ -32,8 +32,8 @@ from tee_inference.asgi import ASGIApp, Message, one_shot_receive
 from tee_inference.bench.engine import CannedEngine
 from tee_inference.boot import boot
 from tee_inference.config import ServerConfig
+from tee_inference.logformat import log_handler
 from tee_inference.middleware import SigningMiddleware
-from tee_inference.observe import log_handler
 
 MODEL = "bench-model"
 

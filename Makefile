@@ -9,7 +9,7 @@ MODEL_DIR := build/models/SmolLM2-135M-Instruct
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run run-tls run-fake run-gateway test test-slow fuzz soak lint bench engine model lock clean image reproduce measurements \
+.PHONY: run run-tls run-fake run-gateway test test-slow fuzz soak lint bench profile engine model lock clean image reproduce measurements \
 	measurements-check pin-base nvsdk-env
 
 # The image this tree builds, as measurements/expected.json records it: `make run` claims it so that
@@ -66,9 +66,17 @@ lint: $(VENV)/.stamp
 	$(BIN)/mypy --strict image/oci.py image/stack.py image/build_image.py image/compose.py image/fetch_model.py \
 		image/healthcheck.py measurements/regenerate.py
 
-## make bench: the signing overhead as ratios against the bare fake engine, in one run.
+## make bench: the signing layer's cost in one run: CPU µs per request and per event against the
+## floor, then every target over loopback (engine, in-process, proxy, pass-through, COMPARE peers);
+## prints the table, writes build/bench/bench.json and bench.png. COMPARE='--compare phala=URL'.
 bench: $(VENV)/.stamp
-	$(BIN)/tee-inference bench
+	$(BIN)/tee-inference bench --out build/bench $(COMPARE)
+
+## make profile: where the in-process request path spends its time (pyinstrument, build/bench/).
+profile: $(VENV)/.stamp
+	mkdir -p build/bench
+	$(BIN)/pyinstrument -r html -o build/bench/profile.html -m tee_inference bench --only cost --quick
+	@echo "wrote build/bench/profile.html"
 
 ## make image [BASE=DIR]: the image as an OCI layout in build/image; prints its digest and which it is:
 ## the runnable image stacked on the pinned base (BASE = the base's OCI layout, or image/base/ when

@@ -17,6 +17,7 @@ from types import ModuleType
 from tee_inference import __version__
 from tee_inference.commands import bench, gateway, keys, measure, serve
 from tee_inference.exceptions import StartRefused, TeeInferenceError
+from tee_inference.logformat import log_handler
 from tee_inference.verify import cli as verify
 
 COMMANDS: tuple[ModuleType, ...] = (serve, gateway, keys, verify, measure, bench)
@@ -40,9 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # LOG_FORMAT on stderr, as basicConfig(format=...) would; the date made once a second, since
+    # `serve` writes an access line per request through this handler.
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        level=logging.DEBUG if args.verbose else logging.INFO, handlers=[log_handler(sys.stderr)]
     )
     # httpx logs every request at INFO: noise for the CLI, and URLs carry nonces.
     logging.getLogger("httpx").setLevel(logging.WARNING)

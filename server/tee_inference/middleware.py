@@ -194,6 +194,10 @@ class SignedExchange:
         self.client_gone = False
         # Scale-out hooks (docs/scale-out.md): usage counted as bytes pass, tenants' cache salts.
         self.meter = UsageMeter(services, app, scope)
+        # Set once a plaintext stream's id is found and its first byte is out: from then on each
+        # event takes `on_engine_message`'s first branch (hash, count, forward) and nothing else.
+        self.hot = False
+        self.hot_events = 0
 
     # -- request ---------------------------------------------------------------------------
 
@@ -218,6 +222,8 @@ class SignedExchange:
         finally:
             intake.release_body()
             self.observed.signed = self.signed if self.mode in ("stream", "held") else None
+            if self.hot_events:
+                self.observed.stream_events = (self.observed.stream_events or 0) + self.hot_events
 
     async def decrypt(self, ciphertext: bytes) -> bytes | None:
         """The plaintext of an encrypted body, or None once a 4xx envelope has gone out."""
@@ -296,6 +302,20 @@ class SignedExchange:
     # -- response --------------------------------------------------------------------------
 
     async def on_engine_message(self, message: Message) -> None:
+        if self.hot and message["type"] == "http.response.body" and message.get("more_body", False):
+            body: bytes = message.get("body", b"")
+            assert self.splitter is not None  # hot implies a stream that began as one
+            if self.splitter.passes(body):
+                # One token event: what `on_stream_body` would do, in one frame.
+                self.response_hash.update(body)
+                self.meter.feed(body)
+                self.hot_events += 1
+                try:
+                    await self.observed.downstream(message)
+                except Exception:
+                    self.client_gone = True
+                    raise
+                return
         if message["type"] == "http.response.start":
             self.start = message
             headers = message.get("headers", [])
@@ -319,10 +339,10 @@ class SignedExchange:
         if message["type"] != "http.response.body":
             await self.forward(message)
             return
-        body: bytes = message.get("body", b"")
+        body = message.get("body", b"")
         more = bool(message.get("more_body", False))
         if self.mode == "stream":
-            await self.on_stream_body(body, more)
+            await self.on_stream_body(body, more, message)
         elif self.mode == "held":
             await self.on_held_body(body, more)
         elif self.mode == "error":
@@ -333,7 +353,7 @@ class SignedExchange:
                 message = {**message, "body": self.e2ee.seal(body)}
             await self.forward(message)
 
-    async def on_stream_body(self, body: bytes, more: bool) -> None:
+    async def on_stream_body(self, body: bytes, more: bool, message: Message | None = None) -> None:
         if self.signed:
             # After `[DONE]`: nothing more is released, since nothing more is signed.
             if body:
@@ -348,16 +368,29 @@ class SignedExchange:
             done = self.splitter.flush() if self.splitter is not None else b""
         if ready:
             wire = self.account(ready)
+            if done is None and wire is body and message is not None:
+                # The common case, a chunk of whole events: the engine's own message goes on
+                # (its more_body is true, or `done` would be set), nothing is rebuilt.
+                await self.forward(message)
+                self.hot = (
+                    self.splitter is not None  # not a held body turned into a stream
+                    and self.scanner is None
+                    and self.e2ee is None
+                    and self.observed.first_byte is not None
+                )
+                return
             await self.forward({"type": "http.response.body", "body": wire, "more_body": True})
         if done is None:
             return
         # The last bytes: hash, sign and store first, then release them.
+        self.hot = False
         last = done[: len(DONE_EVENT)] if done.startswith(DONE_EVENT) else done
         if len(last) < len(done):
             log.warning("engine sent %d bytes after [DONE]; dropped", len(done) - len(last))
         wire = self.account(last)
-        if self.scanner is not None:
+        if self.scanner is not None:  # still looking (or never found one): what it has is the id
             self.completion_id = self.scanner.completion_id
+            self.scanner = None
         signature = await self.sign_and_store()
         if self.inband:
             comment = inband_comment(self.completion_id, signature)
@@ -374,6 +407,10 @@ class SignedExchange:
         self.response_hash.update(wire)
         if self.scanner is not None:
             self.scanner.feed(data)
+            if self.scanner.done:  # found (or given up): no more per-event work for the id
+                self.completion_id = self.scanner.completion_id
+                self.scanner = None
+        if self.splitter is not None:  # an SSE stream (not a held body turned into one)
             self.meter.feed(data)
         if self.observed.stream_events is not None:
             self.observed.stream_events += data.count(b"\n\n")
@@ -482,7 +519,12 @@ class SignedExchange:
         await self.forward(start)
 
     async def forward(self, message: Message) -> None:
-        await self.guarded(lambda: self.client_send(message))
+        # `guarded` inlined: this runs once per streamed event.
+        try:
+            await self.client_send(message)
+        except Exception:
+            self.client_gone = True
+            raise
         if message["type"] == "http.response.body" and not message.get("more_body", False):
             self.closed = True
 

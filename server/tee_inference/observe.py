@@ -19,9 +19,12 @@ import sys
 import time
 
 from tee_inference.asgi import Message, Send
+from tee_inference.logformat import log_handler
 from tee_inference.metrics import ServingMetrics
 
 access_log = logging.getLogger("tee_inference.access")
+# What json.dumps(line, separators=(",", ":")) does, without building an encoder per request.
+_compact_json = json.JSONEncoder(separators=(",", ":")).encode
 
 
 class Observed:
@@ -31,6 +34,7 @@ class Observed:
         "_send",
         "completion_id",
         "completion_tokens",
+        "downstream",
         "first_byte",
         "method",
         "metrics",
@@ -46,6 +50,9 @@ class Observed:
         self.route = route
         self.method = method
         self._send = send
+        # Where `send` forwards to. Once the response started and its first byte went out, `send`
+        # only forwards: a stream's later events may go here directly.
+        self.downstream = send
         self.started = time.perf_counter()
         self.first_byte: float | None = None
         self.status = 0
@@ -59,14 +66,15 @@ class Observed:
             self.status = int(message["status"])
         elif self.first_byte is None and message.get("body"):
             self.first_byte = time.perf_counter()
-            self.metrics.first_byte.labels(self.route).observe(self.first_byte - self.started)
+            self.metrics.child(self.metrics.first_byte, self.route).observe(self.first_byte - self.started)
         await self._send(message)
 
     def finish(self) -> None:
         elapsed = time.perf_counter() - self.started
         status = self.status or 499
-        self.metrics.requests.labels(self.route, str(status)).inc()
-        self.metrics.latency.labels(self.route).observe(elapsed)
+        metrics = self.metrics
+        metrics.child(metrics.requests, self.route, str(status)).inc()
+        metrics.child(metrics.latency, self.route).observe(elapsed)
         if access_log.isEnabledFor(logging.INFO):
             line = {
                 "request": "access",
@@ -82,7 +90,7 @@ class Observed:
                 "stream_events": self.stream_events,
                 "signed": self.signed,
             }
-            access_log.info(json.dumps(line, separators=(",", ":")))
+            access_log.info(_compact_json(line))
 
 
 def ensure_log_handler() -> None:
@@ -95,7 +103,5 @@ def ensure_log_handler() -> None:
     ours = logging.getLogger("tee_inference")
     if ours.handlers or logging.getLogger().handlers:
         return
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    ours.addHandler(handler)
+    ours.addHandler(log_handler(sys.stderr))
     ours.setLevel(logging.INFO)

@@ -127,11 +127,31 @@ class DoneSplitter:
                 return data[:at], data[at:]
             at = data.find(DONE_EVENT, at + 1)
         keep = self._partial_done_at_end(data)
-        ready = data[: len(data) - keep]
-        self._pending = data[len(data) - keep :]
-        if ready:
-            self._tail = (self._tail + ready[-2:])[-2:]
+        if not keep:
+            # The common case, a chunk of whole events: released as it is, nothing copied.
+            self._pending = b""
+            ready = data
+        else:
+            ready = data[: len(data) - keep]
+            self._pending = data[len(data) - keep :]
+        if len(ready) >= 2:
+            self._tail = ready[-2:]
+        elif ready:
+            self._tail = (self._tail + ready)[-2:]
         return ready, None
+
+    def passes(self, chunk: bytes) -> bool:
+        """Whether `chunk` is one single-line event other than `[DONE]`, released as `feed` would.
+
+        True when nothing is held and the chunk's only line break is its closing blank line: then
+        its one event boundary is its start (the previous chunk ended an event), and an event
+        that starts there and is not exactly `data: [DONE]\\n\\n` is not the last. That is every
+        token event of vLLM, checked with one `memchr` and no copy; on False, call `feed`.
+        """
+        if self._pending or chunk.find(b"\n") != len(chunk) - 2 or chunk[-1:] != b"\n" or chunk == DONE_EVENT:
+            return False
+        self._tail = b"\n\n"
+        return True
 
     def flush(self) -> bytes:
         """What is still held when the body ends without `[DONE]`."""
@@ -144,8 +164,10 @@ class DoneSplitter:
         return (self._tail + data[:at]).endswith(b"\n\n")
 
     def _partial_done_at_end(self, data: bytes) -> int:
-        if b"d" not in data[-(len(DONE_EVENT) - 1) :]:
-            return 0  # the common case, one C-level scan
+        # A chunk that ends an event (vLLM sends one event per chunk) cannot end with a proper
+        # prefix of `data: [DONE]\n\n`: none of those ends with a blank line.
+        if data.endswith(b"\n\n") or b"d" not in data[-(len(DONE_EVENT) - 1) :]:
+            return 0
         for size in range(min(len(DONE_EVENT) - 1, len(data)), 0, -1):
             start = len(data) - size
             if DONE_EVENT.startswith(data[start:]) and self._at_boundary(data, start):

@@ -73,6 +73,24 @@ def test_done_splitter_never_loses_or_invents_bytes(prefix: bytes, data: st.Data
     assert bytes(out) == body
 
 
+_EVENTISH = st.lists(
+    st.sampled_from([b"data: ", b"[DONE]", b"{}", b"\n", b"\n\n", b"\r", b"x", b"d", DONE_EVENT]), max_size=8
+).map(b"".join)
+
+
+@given(st.lists(_EVENTISH, max_size=8))
+def test_done_splitter_fast_check_agrees_with_feed(chunks: list[bytes]) -> None:
+    # `passes` is the middleware's one-frame path per event: whenever it says a chunk goes out as
+    # it is, `feed` on a twin splitter releases that chunk whole and finds no [DONE].
+    fast, reference = DoneSplitter(), DoneSplitter()
+    for chunk in chunks:
+        if fast.passes(chunk):
+            assert reference.feed(chunk) == (chunk, None)
+        else:
+            assert fast.feed(chunk) == reference.feed(chunk)
+    assert fast.flush() == reference.flush()
+
+
 @given(st.binary(max_size=2000))
 def test_id_scanner_and_json_fields_never_raise(data: bytes) -> None:
     scanner = StreamIdScanner(limit=512)

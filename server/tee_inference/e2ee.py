@@ -20,8 +20,8 @@ a completion stream ends with ``data: [DONE]`` inside the ciphertext and the sig
 every ciphertext byte, so the verifying client detects truncation. HPKE base mode has no replay
 protection; ``ReplayGuard`` refuses an encapsulated key it has already seen (bounded, per process).
 
-Only the cryptography, framing and key publication live here; the request path applies them in
-``middleware.SignedExchange``.
+Only the cryptography, framing, replay guard and key publication live here; the request path
+applies them in ``exchange.SignedExchange``.
 """
 
 from __future__ import annotations
@@ -59,6 +59,14 @@ _LEN: Final = struct.Struct(">I")
 
 class E2eeError(FormatError):
     """An encrypted body cannot be used: bad key, framing or authentication (one generic message)."""
+
+
+class E2eeRefusal(E2eeError):
+    """An encrypted request refused, with the answer it gets (status, code, message)."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code = status, code
 
 
 def _suite() -> CipherSuite:
@@ -266,3 +274,24 @@ def encrypting_send(exchange: ServerExchange, send: Send) -> Send:
         await send(message)
 
     return sealed
+
+
+def open_request(
+    private_key: X25519PrivateKey, replays: ReplayGuard, enc_header: bytes, ciphertext: bytes
+) -> tuple[ServerExchange, bytes]:
+    """The exchange and plaintext of an encrypted request body, or ``E2eeRefusal`` with its answer.
+
+    One generic answer per class (malformed, does not authenticate, replayed): no oracle on which
+    cryptographic step failed.
+    """
+    try:
+        exchange = ServerExchange(private_key, enc_header)
+        plaintext = exchange.open_body(ciphertext)
+    except E2eeError as exc:
+        if "authenticate" in str(exc):
+            message = "the body does not decrypt under this server's attested key: attest again"
+            raise E2eeRefusal(422, "e2ee_key_mismatch", message) from None
+        raise E2eeRefusal(400, "e2ee_malformed", str(exc)) from None
+    if not replays.first_use(exchange.enc):
+        raise E2eeRefusal(409, "e2ee_replay", "this encrypted request was already answered")
+    return exchange, plaintext

@@ -141,6 +141,16 @@ class CompletionSignature:
     signing_address: str
     ed25519_public_key: bytes
 
+    def response_headers(self) -> list[tuple[bytes, bytes]]:
+        """The ``X-Signature*`` headers of a whole (non-streamed) answer (SPEC §2)."""
+        return [
+            (b"x-signature-text", self.text.encode("ascii")),
+            (b"x-signature", self.ecdsa.hex().encode("ascii")),
+            (b"x-signing-address", self.signing_address.encode("ascii")),
+            (b"x-signature-ed25519", self.ed25519.hex().encode("ascii")),
+            (b"x-signing-public-key-ed25519", self.ed25519_public_key.hex().encode("ascii")),
+        ]
+
 
 class CompletionSigner:
     """Signs the request/response digest pair with both algorithms of one boot key."""

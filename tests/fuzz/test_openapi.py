@@ -78,8 +78,8 @@ def _call(case: object, url: str) -> httpx.Response | None:
     try:
         with httpx.Client(timeout=30) as client:
             return client.request(method, target, content=content, json=body, headers=headers, params=params)
-    except httpx.LocalProtocolError:
-        return None  # a header value no HTTP/1.1 client may send
+    except (httpx.LocalProtocolError, UnicodeEncodeError):
+        return None  # a header value no HTTP/1.1 client may send (httpx encodes headers as ASCII)
 
 
 @schema.parametrize()

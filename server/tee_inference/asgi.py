@@ -39,3 +39,28 @@ def one_shot_receive(body: bytes) -> Receive:
         return {"type": "http.disconnect"}
 
     return receive
+
+
+class BodyTooLarge(Exception):
+    """A request body passed the limit its reader was given (answer 413)."""
+
+
+async def read_body(receive: Receive, limit: int | None = None) -> bytes | None:
+    """The whole request body, or None when the client left before its end.
+
+    With ``limit``, reading stops at the first chunk past it with ``BodyTooLarge``: nothing more
+    than the limit (and one chunk) is ever held.
+    """
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunk: bytes = message.get("body", b"")
+        size += len(chunk)
+        if limit is not None and size > limit:
+            raise BodyTooLarge(f"the request body is over {limit} bytes")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)

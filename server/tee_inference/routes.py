@@ -16,7 +16,7 @@ from urllib.parse import parse_qs
 
 import anyio
 
-from tee_inference.asgi import ASGIApp, Message, Receive, Scope, Send
+from tee_inference.asgi import ASGIApp, BodyTooLarge, Message, Receive, Scope, Send, read_body
 from tee_inference.e2ee import KEYS_MEDIA_TYPE, key_config, public_bytes
 from tee_inference.envelope import send_error, send_json, send_normalized_error
 from tee_inference.exceptions import ConfigError, TrustRootError
@@ -300,9 +300,12 @@ async def tls_certificate(req: Request) -> None:
             req.send, 403, "installing a certificate needs an API token (--api-key-env)", code="forbidden"
         )
         return
-    body = await read_small_body(req.receive, 256 << 10)
-    if body is None:
+    try:
+        body = await read_body(req.receive, 256 << 10)
+    except BodyTooLarge:
         await send_error(req.send, 413, "a certificate chain is at most 256 KiB")
+        return
+    if body is None:
         return
     try:
         tls.install(body)
@@ -313,22 +316,6 @@ async def tls_certificate(req: Request) -> None:
     await send_json(
         req.send, 200, json.dumps({"installed": True, "tls_cert_fingerprint": fingerprint}).encode()
     )
-
-
-async def read_small_body(receive: Receive, limit: int) -> bytes | None:
-    """A whole request body of at most ``limit`` bytes (None when larger or the client left)."""
-    chunks, size = [], 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return None
-        chunk: bytes = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            return None
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks)
 
 
 async def hpke_keys(req: Request) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from typing import Final
 
-from tee_inference.asgi import Message, Receive, Scope, Send, one_shot_receive
+from tee_inference.asgi import Message, Receive, Scope, Send, one_shot_receive, read_body
 from tee_inference.engines.fake import FakeEngine
 
 # 32 characters, like vLLM's uuid4 hex request ids, so content-length never changes; no word of
@@ -35,7 +35,9 @@ class CannedEngine:
         if scope["type"] != "http" or scope["method"] != "POST":
             await self.fake(scope, receive, send)
             return
-        body = await _read_body(receive)
+        body = await read_body(receive)
+        if body is None:
+            return  # the client left
         key = (scope["path"], body)
         shape = self._shapes.get(key)
         if shape is None:
@@ -75,12 +77,3 @@ class CannedEngine:
             chat=scope["path"] == "/v1/chat/completions",
         )
         return rendered
-
-
-async def _read_body(receive: Receive) -> bytes:
-    chunks: list[bytes] = []
-    while True:
-        message = await receive()
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body", False):
-            return b"".join(chunks)

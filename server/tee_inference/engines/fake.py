@@ -20,7 +20,7 @@ from typing import Any, Literal
 import anyio
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from tee_inference.asgi import Receive, Scope, Send
+from tee_inference.asgi import Receive, Scope, Send, read_body
 
 SYSTEM_FINGERPRINT = "vllm-fake"
 _VOCABULARY = (
@@ -179,7 +179,9 @@ class FakeEngine:
         return {"object": "list", "data": [card]}
 
     async def completion(self, scope: Scope, receive: Receive, send: Send, *, chat: bool) -> None:
-        body = await _read_body(receive)
+        body = await read_body(receive)
+        if body is None:
+            return  # the client left
         try:
             raw = json.loads(body)
             request: ChatRequest | CompletionRequest = (
@@ -241,7 +243,7 @@ class FakeEngine:
     async def tokenize(self, receive: Receive, send: Send) -> None:
         """vLLM's `POST /tokenize` (chat messages or a prompt): the count the fake would bill."""
         try:
-            raw = json.loads(await _read_body(receive))
+            raw = json.loads(await read_body(receive) or b"")
             chat = isinstance(raw, dict) and "messages" in raw
             request: ChatRequest | CompletionRequest = (
                 ChatRequest.model_validate(raw) if chat else CompletionRequest.model_validate(raw)
@@ -441,15 +443,6 @@ async def _cancel_on_disconnect(receive: Receive, scope: anyio.CancelScope) -> N
     while (await receive())["type"] != "http.disconnect":
         pass
     scope.cancel()
-
-
-async def _read_body(receive: Receive) -> bytes:
-    chunks: list[bytes] = []
-    while True:
-        message = await receive()
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body", False):
-            return b"".join(chunks)
 
 
 async def _respond(

@@ -20,7 +20,7 @@ from typing import Final
 import aiohttp
 import anyio
 
-from tee_inference.asgi import Receive, Scope, Send
+from tee_inference.asgi import Receive, Scope, Send, read_body
 from tee_inference.envelope import error_body
 
 log = logging.getLogger("tee_inference.proxy")
@@ -47,17 +47,6 @@ async def _send_envelope(send: Send, status: int, message: str, *, code: str | N
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode("ascii"))]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body, "more_body": False})
-
-
-async def _read_body(receive: Receive) -> bytes:
-    chunks: list[bytes] = []
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ConnectionResetError("client disconnected before its request body was read")
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body", False):
-            return b"".join(chunks)
 
 
 class ProxyApp:
@@ -135,10 +124,9 @@ class ProxyApp:
 
     async def _forward(self, scope: Scope, receive: Receive, send: Send) -> None:
         completion = scope["method"] == "POST"
-        try:
-            body = await _read_body(receive)
-        except ConnectionResetError:
-            return
+        body = await read_body(receive)
+        if body is None:
+            return  # the client left before its request body was read
         headers = {
             k.decode("latin-1"): v.decode("latin-1")
             for k, v in scope["headers"]

@@ -32,7 +32,7 @@ from tee_inference.asgi import Message, Receive, Scope, Send, header
 from tee_inference.envelope import send_error, send_json
 from tee_inference.gateway.answers import SIGNATURE_PREFIX, NodeAnswers
 from tee_inference.gateway.config import ApiKeys, Caller, GatewayConfig
-from tee_inference.gateway.forward import Forwarder, read_body, routing_model
+from tee_inference.gateway.forward import Forwarder, read_body_within, routing_model
 from tee_inference.gateway.limits import RateLimiter
 from tee_inference.gateway.metrics import GatewayMetrics
 from tee_inference.gateway.nodes import Node, NodePool
@@ -187,7 +187,7 @@ class GatewayApp:
     # -- handlers --------------------------------------------------------------------------
 
     async def completion(self, req: Request) -> None:
-        body = await read_body(req.receive, self.config.max_request_bytes, self.config.body_timeout_s)
+        body = await read_body_within(req.receive, self.config.max_request_bytes, self.config.body_timeout_s)
         if body is None:
             return
         if isinstance(body, int):

@@ -25,7 +25,7 @@ from typing import Final
 import anyio
 import httpx
 
-from tee_inference.asgi import Receive, Scope, Send, header
+from tee_inference.asgi import BodyTooLarge, Receive, Scope, Send, header, read_body
 from tee_inference.e2ee import ENC_HEADER
 from tee_inference.envelope import send_error
 from tee_inference.gateway.config import Caller
@@ -45,22 +45,15 @@ _FORWARDED: Final = frozenset(
 _DROPPED_ANSWER: Final = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"server", b"date"})
 
 
-async def read_body(receive: Receive, limit: int, timeout_s: float) -> bytes | int | None:
+async def read_body_within(receive: Receive, limit: int, timeout_s: float) -> bytes | int | None:
     """The whole body; an int status (413, 408) when it cannot be had; None if the client left."""
-    chunks, size = [], 0
-    with anyio.move_on_after(timeout_s):
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return None
-            chunk: bytes = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                return 413
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(chunks)
-    return 408
+    try:
+        with anyio.fail_after(timeout_s):
+            return await read_body(receive, limit)
+    except BodyTooLarge:
+        return 413
+    except TimeoutError:
+        return 408
 
 
 def routing_model(scope: Scope, body: bytes) -> str | None:

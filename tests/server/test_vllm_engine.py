@@ -9,13 +9,10 @@ private port behind the standalone proxy.
 from __future__ import annotations
 
 import json
-import os
 import ssl
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -25,63 +22,20 @@ import pytest
 from support.paths import CONFORMANCE, REPO
 from support.servers import free_port
 from support.signed_client import signed_completion
+from support.vllm_server import make_run_command, serving
 
 pytestmark = pytest.mark.slow
 
 MODEL = "SmolLM2-135M-Instruct"
 
 
-def _paths() -> tuple[Path, Path]:
-    venv, model = os.environ.get("TEE_INFERENCE_ENGINE_VENV"), os.environ.get("TEE_INFERENCE_TEST_MODEL")
-    if not venv or not model:
-        pytest.fail(
-            "run through `make test-slow`: it builds the engine venv and the model and sets their paths"
-        )
-    return Path(venv), Path(model)
-
-
-def _make_run_command(port: int, *extra: str) -> list[str]:
-    """`make run`'s command: a simulated dstack CVM that launched image/app-compose.json."""
-    venv, model = _paths()
-    digest = json.loads((REPO / "measurements" / "expected.json").read_text())["image_digest"][0]
-    return [str(venv / "bin" / "tee-inference"), "serve", "--engine", "vllm", "--tee", "simulated",
-            "--simulated-compose", str(REPO / "image" / "app-compose.json"), "--image-digest", digest, "--gpu-ready-gate",
-            "--model", str(model), "--port", str(port), "--build-dir", str(Path("build").resolve()), *extra]  # fmt: skip
-
-
-@contextmanager
-def _server(command: list[str], url: str, log: Path, verify: ssl.SSLContext | bool = True) -> Iterator[None]:
-    with log.open("wb") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            deadline = time.monotonic() + 420
-            while True:
-                if process.poll() is not None:
-                    pytest.fail(f"server exited with {process.returncode}:\n{log.read_text()[-4000:]}")
-                if time.monotonic() > deadline:
-                    pytest.fail(f"server not healthy in time:\n{log.read_text()[-4000:]}")
-                try:
-                    if httpx.get(url + "/v1/models", timeout=2, verify=verify).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                time.sleep(1)
-            yield
-        finally:
-            os.killpg(process.pid, 15)
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, 9)
-
-
 @pytest.fixture(scope="module", params=["in-process", "proxy"])
 def vllm_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = free_port()
-    command = _make_run_command(port, *(["--proxy"] if request.param == "proxy" else []))
+    command = make_run_command(port, *(["--proxy"] if request.param == "proxy" else []))
     log = tmp_path_factory.mktemp("vllm") / "server.log"
     url = f"http://127.0.0.1:{port}"
-    with _server(command, url, log):
+    with serving(command, url, log):
         yield url
         # Our structured access line, inside vLLM too (vLLM configures only its own loggers).
         text = log.read_text(errors="replace")
@@ -153,7 +107,7 @@ def test_make_run_tls_with_the_verifying_client(tmp_path: Path) -> None:
     url = f"https://127.0.0.1:{port}"
     loose = ssl.create_default_context()
     loose.check_hostname, loose.verify_mode = False, ssl.CERT_NONE  # only to wait for health
-    with _server(_make_run_command(port, "--tls", "self-signed"), url, tmp_path / "server.log", loose):
+    with serving(make_run_command(port, "--tls", "self-signed"), url, tmp_path / "server.log", loose):
         expected = REPO / "measurements" / "expected.json"
         with AttestedClient(url, model=MODEL, expect=expected, allow_simulated=True, timeout=120) as http:
             llm = openai.OpenAI(base_url=url + "/v1", api_key="unused", http_client=http)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ import pytest
 from support.paths import REPO
 from support.servers import free_port
 from support.signed_client import signed_completion
+from support.vllm_server import make_run_command, serving
 from tee_inference.verify.usage import verify_usage
 
 pytestmark = pytest.mark.slow
@@ -33,41 +33,11 @@ MODEL = "SmolLM2-135M-Instruct"
 
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
-    venv, model = os.environ.get("TEE_INFERENCE_ENGINE_VENV"), os.environ.get("TEE_INFERENCE_TEST_MODEL")
-    if not venv or not model:
-        pytest.fail(
-            "run through `make test-slow`: it builds the engine venv and the model and sets their paths"
-        )
     port = free_port()
-    digest = json.loads((REPO / "measurements" / "expected.json").read_text())["image_digest"][0]
-    command = [str(Path(venv) / "bin" / "tee-inference"), "serve", "--engine", "vllm", "--tee", "simulated",
-               "--simulated-compose", str(REPO / "image" / "app-compose.json"), "--image-digest", digest,
-               "--model", model, "--port", str(port), "--build-dir", str(Path("build").resolve()),
-               "--api-server-count", "2"]  # fmt: skip
     log = tmp_path_factory.mktemp("vllm-scale") / "server.log"
     url = f"http://127.0.0.1:{port}"
-    with log.open("wb") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            deadline = time.monotonic() + 420
-            while True:
-                if process.poll() is not None:
-                    pytest.fail(f"server exited with {process.returncode}:\n{log.read_text()[-4000:]}")
-                if time.monotonic() > deadline:
-                    pytest.fail(f"server not healthy in time:\n{log.read_text()[-4000:]}")
-                try:
-                    if httpx.get(url + "/v1/models", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                time.sleep(1)
-            yield url, log
-        finally:
-            os.killpg(process.pid, 15)
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, 9)
+    with serving(make_run_command(port, "--api-server-count", "2"), url, log):
+        yield url, log
 
 
 def _fresh(url: str) -> httpx.Client:

@@ -196,7 +196,7 @@ class SignedExchange:
             if self.splitter.passes(body):
                 # One token event: what `on_stream_body` would do, in one frame.
                 self.response_hash.update(body)
-                self.meter.feed(body)
+                self.meter.feed_event(body)
                 self.hot_events += 1
                 try:
                     await self.observed.downstream(message)

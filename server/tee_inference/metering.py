@@ -41,6 +41,7 @@ USAGE_REF_HEADER: Final = b"x-tee-usage-ref"
 # An event that carries generated output: a non-empty content, text or reasoning, or a tool call.
 _GENERATED: Final = re.compile(rb'"(?:content|text|reasoning|reasoning_content)":"[^"]|"tool_calls":\[\{')
 _USAGE_OBJECT: Final = b'"usage":{'
+_CHAT_TOKEN: Final = b'"delta":{"content":"'
 _MAX_PENDING: Final = 64 << 10  # a usage event is a few hundred bytes
 _TAIL: Final = 32  # longer than any match of _GENERATED up to its first content byte
 
@@ -102,6 +103,30 @@ class UsageMeter:
         else:  # keep the current event's bytes so far, to find where it starts
             end = data.rfind(b"\n\n")
             self._partial = data[end + 2 :] if end >= 0 else (partial + data)[-_MAX_PENDING:]
+
+    def feed_event(self, event: bytes) -> None:
+        """One whole single-line event (the middleware's hot path): ``feed``'s counts, cheaper.
+
+        vLLM's chat token event is ``data: {…"choices":[{…"delta":{"content":"<token>"},…}]}``: a
+        delta whose only member is a non-empty content, and no usage after the choices. Found with
+        one backward scan and checked at two places, it counts one, as ``feed``'s scan would;
+        anything else (the completions API, reasoning, tool calls, usage, an event after a partial
+        one) goes through ``feed``. A key cannot hide inside a JSON string (its quotes are
+        escaped), so the bytes found are the delta's key.
+        """
+        at = event.rfind(_CHAT_TOKEN)  # near the end: a short backward scan
+        if at < 0 or self._partial or self._usage_event is not None or not event.endswith(b"}]}\n\n"):
+            self.feed(event)
+            return
+        start = at + len(_CHAT_TOKEN)
+        end = event.find(b'"', start)
+        if event[end - 1] == 0x5C:  # an escaped quote inside the token: find the real end
+            end = _string_end(event, start)
+        if end <= start or event[end + 1 : end + 2] != b"}":
+            self.feed(event)
+            return
+        self.answered = True
+        self.generated += 1
 
     def held(self, body: bytes) -> None:
         """A whole (non-streamed) answer's body, plaintext."""
@@ -188,3 +213,16 @@ def _tokenize_query(request: Mapping[str, Any]) -> dict[str, Any] | None:
         return {"model": model, "prompt": request["prompt"],
                 "add_special_tokens": request.get("add_special_tokens", True)}  # fmt: skip
     return None
+
+
+def _string_end(data: bytes, start: int) -> int:
+    """The index of the quote that closes the JSON string whose contents begin at ``start`` (-1)."""
+    end = data.find(b'"', start)
+    while end > 0:
+        escapes = 0
+        while data[end - 1 - escapes] == 0x5C:  # backslash
+            escapes += 1
+        if escapes % 2 == 0:
+            return end
+        end = data.find(b'"', end + 1)
+    return -1

@@ -11,6 +11,8 @@ from pathlib import Path
 import anyio
 import httpx
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from support.servers import running
 from tee_inference.boot import boot
@@ -153,6 +155,60 @@ def test_meter_counts_generated_events_across_any_split() -> None:
         meter.feed(stream[:-14] + usage_event[:cut])
         meter.feed(usage_event[cut:] + b"data: [DONE]\n\n")
         assert meter.reported() == (9, 3), cut
+
+
+_TOKEN_TEXT = st.lists(
+    st.sampled_from(["a", " ", '"', "\\", "é", "漢", "}", ":", '{"content":"x"}', '"delta":{"content":"']),
+    max_size=6,
+).map("".join)
+
+
+@st.composite
+def _vllm_events(draw: st.DrawFn) -> bytes:
+    """Events as vLLM writes them, and some it could: reasoning, tool calls, usage, completions."""
+    content = draw(_TOKEN_TEXT)
+    delta: dict[str, object] = {"content": content}
+    if draw(st.booleans()):
+        delta = draw(st.sampled_from([
+            {"role": "assistant", "content": ""},
+            {"content": content, "reasoning_content": draw(_TOKEN_TEXT)},
+            {"reasoning_content": draw(_TOKEN_TEXT), "content": content},
+            {"tool_calls": [{"id": "t", "function": {"arguments": content}}]},
+            {"content": content, "tool_calls": [{"id": "t"}]},
+        ]))  # fmt: skip
+    chunk: dict[str, object] = {
+        "id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}],
+    }  # fmt: skip
+    kind = draw(st.sampled_from(["chat", "chat", "usage-null", "usage", "completion", "finish"]))
+    if kind == "usage-null":
+        chunk["usage"] = None
+    elif kind == "usage":
+        chunk["usage"] = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+    elif kind == "completion":
+        chunk = {"id": "cmpl-1", "choices": [{"index": 0, "text": content, "finish_reason": None}]}
+    elif kind == "finish":
+        chunk["choices"][0]["finish_reason"] = "stop"  # type: ignore[index]
+    return (
+        b"data: "
+        + json.dumps(chunk, ensure_ascii=draw(st.booleans()), separators=(",", ":")).encode()
+        + b"\n\n"
+    )
+
+
+@given(st.lists(_vllm_events(), max_size=12))
+def test_the_hot_path_counts_as_the_full_scan(events: list[bytes]) -> None:
+    services = _services()
+    scanned = UsageMeter(services, FakeEngine(MODEL), {"type": "http", "headers": []})
+    hot = UsageMeter(services, FakeEngine(MODEL), {"type": "http", "headers": []})
+    for event in events:
+        scanned.feed(event)
+        hot.feed_event(event)
+    assert (hot.generated, hot.reported(), hot.answered) == (
+        scanned.generated,
+        scanned.reported(),
+        scanned.answered,
+    )
 
 
 def test_sign_usage_binds_both_keys() -> None:

@@ -27,7 +27,7 @@ class CannedEngine:
 
     def __init__(self, model: str) -> None:
         self.fake = FakeEngine(model)
-        self._shapes: dict[tuple[str, bytes], list[tuple[Message, list[bytes]]]] = {}
+        self._shapes: dict[tuple[str, bytes], tuple[list[tuple[Message, list[bytes]]], object]] = {}
         self._prefix = os.urandom(8).hex()
         self._count = 0
 
@@ -39,11 +39,16 @@ class CannedEngine:
         if body is None:
             return  # the client left
         key = (scope["path"], body)
-        shape = self._shapes.get(key)
-        if shape is None:
-            shape = await self._render(scope, body)
+        rendered = self._shapes.get(key)
+        if rendered is None:
+            rendered = await self._render(scope, body)
             if len(self._shapes) < _MAX_SHAPES:
-                self._shapes[key] = shape
+                self._shapes[key] = rendered
+        shape, metadata = rendered
+        if metadata is not None:
+            # What vLLM leaves in the request's state for middleware (its usage count), as the
+            # fake engine does: the signing layer reads it instead of counting.
+            scope.setdefault("state", {})["request_metadata"] = metadata
         self._count += 1
         fresh = f"{self._prefix}{self._count:016x}".encode("ascii")
         for message, parts in shape:
@@ -58,7 +63,7 @@ class CannedEngine:
             else:
                 await send(message)
 
-    async def _render(self, scope: Scope, body: bytes) -> list[tuple[Message, list[bytes]]]:
+    async def _render(self, scope: Scope, body: bytes) -> tuple[list[tuple[Message, list[bytes]]], object]:
         rendered: list[tuple[Message, list[bytes]]] = []
 
         async def capture(message: Message) -> None:
@@ -70,10 +75,11 @@ class CannedEngine:
                 rendered.append((message, []))
 
         headers = [*scope["headers"], (b"x-request-id", _PLACEHOLDER)]
+        state: dict[str, object] = {}
         await self.fake.completion(
-            {**scope, "headers": headers},
+            {**scope, "headers": headers, "state": state},
             one_shot_receive(body),
             capture,
             chat=scope["path"] == "/v1/chat/completions",
         )
-        return rendered
+        return rendered, state.get("request_metadata")

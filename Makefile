@@ -9,7 +9,7 @@ MODEL_DIR := build/models/SmolLM2-135M-Instruct
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run run-tls run-fake run-gateway test test-slow fuzz soak lint bench profile engine model lock clean image reproduce measurements \
+.PHONY: run run-tls run-fake run-gateway system-deps test test-slow fuzz soak lint bench profile engine model lock clean image reproduce measurements \
 	measurements-check pin-base nvsdk-env
 
 # The image this tree builds, as measurements/expected.json records it: `make run` claims it so that
@@ -37,20 +37,24 @@ run-fake: $(VENV)/.stamp
 
 ## make run-gateway: a real redis-server, two simulated fake-engine nodes sharing it, and the gateway
 ## in front of both on $(HOST):8080 (docs/gateway.md).
-run-gateway: $(VENV)/.stamp
+run-gateway: $(VENV)/.stamp system-deps
 	BIN=$(BIN) HOST=$(HOST) PORT=8080 ./scripts/run-gateway.sh
 
+## make system-deps: redis-server and wrk (Debian), which tests and targets start themselves.
+system-deps:
+	@./scripts/system-deps.sh
+
 ## make test: lint, type-check and the default test suite (under ~15 minutes, no engine).
-test: $(VENV)/.stamp lint
+test: $(VENV)/.stamp system-deps lint
 	$(BIN)/pytest
 
 ## make test-slow: the tests that run a real vLLM (CI runs these too).
-test-slow: $(VENV)/.stamp engine model
+test-slow: $(VENV)/.stamp system-deps engine model
 	TEE_INFERENCE_ENGINE_VENV=$(abspath $(ENGINE_VENV)) TEE_INFERENCE_TEST_MODEL=$(abspath $(MODEL_DIR)) \
 		$(BIN)/pytest -m slow -p no:cacheprovider
 
 ## make fuzz: the property and schemathesis tests with many examples (CI runs it; a few minutes).
-fuzz: $(VENV)/.stamp
+fuzz: $(VENV)/.stamp system-deps
 	HYPOTHESIS_PROFILE=deep $(BIN)/pytest -m "fuzz or not slow" -p no:cacheprovider tests/fuzz
 
 ## make soak: thousands of concurrent signed streams on loopback with random disconnects; prints
@@ -69,7 +73,7 @@ lint: $(VENV)/.stamp
 ## make bench: the signing layer's cost in one run: CPU µs per request and per event against the
 ## floor, then every target over loopback (engine, in-process, proxy, pass-through, COMPARE peers);
 ## prints the table, writes build/bench/bench.json and bench.png. COMPARE='--compare phala=URL'.
-bench: $(VENV)/.stamp
+bench: $(VENV)/.stamp system-deps
 	$(BIN)/tee-inference bench --out build/bench $(COMPARE)
 
 ## make profile: where the in-process request path spends its time (pyinstrument, build/bench/).

@@ -64,3 +64,17 @@ def test_compare_wants_name_equals_url(bad: str) -> None:
     with pytest.raises(SystemExit) as exit_:
         main(["bench", "--compare", bad])
     assert exit_.value.code == 2
+
+
+def test_wrk_drives_the_load_where_installed(capsys: pytest.CaptureFixture[str]) -> None:
+    # `make test` installs wrk (scripts/system-deps.sh), so the generator capacity figures come
+    # from is exercised too, not only the raw-socket client `--quick` picks.
+    assert (
+        main(["bench", "--only", "http", "--generator", "wrk", "--quick", "--concurrency", "16", "--json"])
+        == 0
+    )
+    http = json.loads(capsys.readouterr().out)["http"]
+    assert http["generator"].startswith("wrk")
+    for scenario in http["scenarios"].values():
+        for row in scenario["targets"].values():
+            assert row["errors"] == 0 and row["rps"]["median"] > 0

@@ -103,3 +103,32 @@ def test_pccs_is_not_asked_about_a_report_that_does_not_parse() -> None:
 def test_collateral_and_pccs_url_exclude_each_other() -> None:
     with pytest.raises(TeeInferenceError, match="not both"):
         _settings(collateral=SAMPLE_COLLATERAL, pccs_url="https://pccs.example")
+
+
+def test_pccs_is_asked_for_every_nodes_platform(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through a gateway the report holds every node: their CPUs may differ, and so their collateral."""
+    import dcap_qvl
+
+    body, _ = _report_with_real_quote()
+    report = json.loads(body)
+    other_node = {**report["all_attestations"][0]}
+    other_node["intel_quote"] = (DATA / "vectors/tdx/nearai_e2e_quote.bin").read_bytes().hex()
+    report["all_attestations"].append(other_node)
+    asked: list[bytes] = []
+
+    async def get_collateral(url: str, raw: bytes) -> str:  # dcap-qvl's network call, answered here
+        asked.append(raw)
+        return f"collateral {len(asked)}"
+
+    monkeypatch.setattr(dcap_qvl, "get_collateral", get_collateral)
+    settings = _settings(pccs_url="https://pccs.example")
+    got = settings.collateral.for_report_sync(json.dumps(report).encode())
+    # The answering node's quote, listed twice (itself and its all_attestations entry), is asked once.
+    assert asked == [SAMPLE_QUOTE.read_bytes(), bytes.fromhex(other_node["intel_quote"])]
+    assert got == ["collateral 1", "collateral 2"]
+
+
+def test_a_fixed_collateral_may_be_one_per_platform() -> None:
+    settings = _settings(collateral=[SAMPLE_COLLATERAL, SAMPLE_COLLATERAL])
+    fixed = settings.collateral.for_report_sync(b"{}")
+    assert isinstance(fixed, list) and len(fixed) == 2

@@ -10,7 +10,14 @@ import anyio
 import httpx
 
 from tee_inference.client.checks import Attestation, ResponseChecker, SignatureMismatchError
-from tee_inference.client.session import Settings, encrypted_answer, prepare_request, signature_record
+from tee_inference.client.session import (
+    Settings,
+    encrypted_answer,
+    is_stale_key_refusal,
+    may_be_stale_key_refusal,
+    prepare_request,
+    signature_record,
+)
 from tee_inference.verify.measurements import ExpectedMeasurements
 from tee_inference.verify.tlspin import PinMismatchError
 from tee_inference.verify.verifier import Verifier
@@ -59,6 +66,18 @@ class AsyncAttestedTransport(httpx.AsyncBaseTransport):
             attestation = await self._replace(attestation)
             sent, request_hash, exchange = prepare_request(request, attestation, self.settings.encrypt)
             response = await self.inner.handle_async_request(sent)
+        else:
+            if may_be_stale_key_refusal(response, exchange):
+                body = await response.aread()
+                await response.aclose()
+                if not is_stale_key_refusal(response.status_code, body):
+                    return httpx.Response(
+                        response.status_code, headers=response.headers, content=body,
+                        extensions=response.extensions, request=request,
+                    )  # fmt: skip
+                attestation = await self._replace(attestation)  # sealed to a key no longer served
+                sent, request_hash, exchange = prepare_request(request, attestation, self.settings.encrypt)
+                response = await self.inner.handle_async_request(sent)
         if request_hash is None or (response.status_code != 200 and not encrypted_answer(response, exchange)):
             return response
         checker = ResponseChecker(request_hash, response, attestation, exchange)

@@ -9,9 +9,8 @@ import os
 import secrets
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
-import dcap_qvl
 import httpx
 
 from tee_inference.attestation.report import AttestationReport
@@ -26,9 +25,9 @@ from tee_inference.client.checks import (
 )
 from tee_inference.e2ee import ENC_HEADER, NONCE_HEADER, ClientExchange
 from tee_inference.exceptions import TeeInferenceError
+from tee_inference.verify.collateral import fetch_collaterals, load_collateral
 from tee_inference.verify.measurements import ExpectedMeasurements, load_expected_measurements
 from tee_inference.verify.policy import VerificationPolicy
-from tee_inference.verify.quote import load_collateral
 from tee_inference.verify.tlspin import SpkiPin
 from tee_inference.verify.verifier import Verifier
 
@@ -50,16 +49,19 @@ def verification_policy(
 
 
 class Collateral:
-    """Where the Intel collateral for the server's quote comes from (tcb_status needs it).
+    """Where the Intel collateral for the server's quotes comes from (tcb_status needs it).
 
-    A fixed ``collateral`` (a QuoteCollateralV3 object or JSON file) serves an offline or pinned
-    audit; ``pccs_url`` fetches it for each attestation's quote, from a PCCS or Intel's PCS.
+    A fixed ``collateral`` (a QuoteCollateralV3 object or JSON file, or a list of them, one per
+    platform) serves an offline or pinned audit; ``pccs_url`` fetches it for each attestation, one
+    per platform among the report's nodes (a gateway's nodes may run on different CPUs).
     """
 
     def __init__(self, collateral: Any, pccs_url: str | None) -> None:
         if collateral is not None and pccs_url is not None:
             raise TeeInferenceError("give collateral= or pccs_url=, not both")
-        if isinstance(collateral, str | Path):
+        if isinstance(collateral, list | tuple):
+            collateral = [load_collateral(c) if isinstance(c, str | Path) else c for c in collateral]
+        elif isinstance(collateral, str | Path):
             collateral = load_collateral(collateral)
         self.fixed, self.pccs_url = collateral, pccs_url
 
@@ -69,24 +71,30 @@ class Collateral:
         return asyncio.run(self.for_report(body))
 
     async def for_report(self, body: bytes) -> Any:
-        """The collateral for the quote in this report body (None when it cannot be had)."""
+        """The collateral for the quotes in this report body (None when it cannot be had)."""
         if self.fixed is not None or self.pccs_url is None:
             return self.fixed
-        quote = _primary_quote(body)
-        if quote is None:
+        quotes = _node_quotes(body)
+        if not quotes:
             return None  # the report does not parse: the verifier says so, with or without collateral
-        try:
-            return await dcap_qvl.get_collateral(self.pccs_url, quote)
-        except (ValueError, RuntimeError, OSError) as exc:
-            raise TeeInferenceError(f"cannot fetch collateral from {self.pccs_url}: {exc}") from None
+        return await fetch_collaterals(self.pccs_url, quotes)
 
 
-def _primary_quote(body: bytes) -> bytes | None:
+def _node_quotes(body: bytes) -> list[bytes]:
+    """The raw quote of every node in a report body: the answering one's, then all_attestations'."""
     try:
         report, _ = AttestationReport.parse(json.loads(body))
-        return load_quote(report.intel_quote).raw if report is not None else None
     except (TeeInferenceError, ValueError):
-        return None
+        return []
+    if report is None:
+        return []
+    quotes = []
+    for node in (report, *report.all_attestations):
+        try:
+            quotes.append(load_quote(node.intel_quote).raw)
+        except (TeeInferenceError, ValueError):
+            continue  # the verifier reports the node whose quote does not parse
+    return quotes
 
 
 class Settings:
@@ -233,6 +241,29 @@ def signature_record(completion_id: str, status: int, body: bytes) -> dict[str, 
     if not isinstance(value, dict):
         raise SignatureMismatchError(f"the signature of {completion_id} is not a JSON object")
     return value
+
+
+# Refusals of an encrypted request that mean no engine saw it: the key it was sealed to is no
+# longer served (the node left the gateway's verified set, or restarted with a new body key).
+# Attesting again and resealing once is then safe, and is how the client learns of the change.
+_STALE_KEY_REFUSALS: Final = {(400, "node_not_verified"), (422, "e2ee_key_mismatch")}
+
+
+def may_be_stale_key_refusal(response: httpx.Response, exchange: ClientExchange | None) -> bool:
+    """Worth reading the (small) error body: an encrypted request refused before it was opened."""
+    return (
+        exchange is not None
+        and response.status_code in (400, 422)
+        and NONCE_HEADER.decode() not in response.headers
+    )
+
+
+def is_stale_key_refusal(status: int, body: bytes) -> bool:
+    try:
+        code = json.loads(body)["error"]["code"]
+    except (ValueError, TypeError, KeyError):
+        return False
+    return (status, code) in _STALE_KEY_REFUSALS
 
 
 def encrypted_answer(response: httpx.Response, exchange: ClientExchange | None) -> bool:

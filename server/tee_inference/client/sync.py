@@ -10,7 +10,14 @@ from typing import Any
 import httpx
 
 from tee_inference.client.checks import Attestation, ResponseChecker, SignatureMismatchError
-from tee_inference.client.session import Settings, encrypted_answer, prepare_request, signature_record
+from tee_inference.client.session import (
+    Settings,
+    encrypted_answer,
+    is_stale_key_refusal,
+    may_be_stale_key_refusal,
+    prepare_request,
+    signature_record,
+)
 from tee_inference.verify.measurements import ExpectedMeasurements
 from tee_inference.verify.tlspin import PinMismatchError
 from tee_inference.verify.verifier import Verifier
@@ -57,6 +64,18 @@ class AttestedTransport(httpx.BaseTransport):
             attestation = self._replace(attestation)  # the key changed (a reboot): attest again, once
             sent, request_hash, exchange = prepare_request(request, attestation, self.settings.encrypt)
             response = self.inner.handle_request(sent)
+        else:
+            if may_be_stale_key_refusal(response, exchange):
+                body = response.read()
+                response.close()
+                if not is_stale_key_refusal(response.status_code, body):
+                    return httpx.Response(
+                        response.status_code, headers=response.headers, content=body,
+                        extensions=response.extensions, request=request,
+                    )  # fmt: skip
+                attestation = self._replace(attestation)  # sealed to a key no longer served: once
+                sent, request_hash, exchange = prepare_request(request, attestation, self.settings.encrypt)
+                response = self.inner.handle_request(sent)
         if request_hash is None or (response.status_code != 200 and not encrypted_answer(response, exchange)):
             return response
         checker = ResponseChecker(request_hash, response, attestation, exchange)

@@ -11,6 +11,7 @@ Importable without the server's dependencies (no FastAPI, uvicorn or vLLM)::
 """
 
 from tee_inference.exceptions import VerificationError
+from tee_inference.verify.collateral import load_collateral, parse_collateral
 from tee_inference.verify.measurements import (
     FORMAT as MEASUREMENTS_FORMAT,
 )
@@ -32,7 +33,6 @@ from tee_inference.verify.policy import (
     TcbPolicy,
     VerificationPolicy,
 )
-from tee_inference.verify.quote import load_collateral, parse_collateral
 from tee_inference.verify.results import CheckResult, Status, VerificationResult
 from tee_inference.verify.signature import verify_signature
 from tee_inference.verify.trust import INTEL_SGX_ROOT_CA_SHA256, load_intel_root

@@ -18,10 +18,10 @@ from pathlib import Path
 from cryptography import x509
 
 from tee_inference.exceptions import VerificationError
+from tee_inference.verify.collateral import load_collateral
 from tee_inference.verify.measurements import load_expected_measurements
 from tee_inference.verify.nvsdk import DEFAULT_PYTHON, NvidiaSdkBackend
 from tee_inference.verify.policy import KNOWN_TCB_STATUSES, RELAXABLE, VerificationPolicy
-from tee_inference.verify.quote import load_collateral
 from tee_inference.verify.results import Status, VerificationResult
 from tee_inference.verify.signature import verify_signature
 from tee_inference.verify.usage import verify_usage
@@ -33,8 +33,10 @@ _MARK = {Status.PASS: "PASS", Status.FAIL: "FAIL", Status.SKIP: "skip"}
 
 def _evidence_options(p: argparse.ArgumentParser, *, report: bool) -> None:
     p.add_argument(
-        "--collateral", metavar="FILE", help="Intel collateral (QuoteCollateralV3 JSON): offline TCB check"
-    )
+        "--collateral", action="append", default=[], metavar="FILE",
+        help="Intel collateral (QuoteCollateralV3 JSON): offline TCB check; repeatable, one per platform "
+        "(FMSPC) of the report's nodes: each quote is checked with its own",
+    )  # fmt: skip
     p.add_argument("--pccs-url", metavar="URL", help="fetch collateral from this PCCS (online)")
     p.add_argument(
         "--now", type=int, metavar="EPOCH", help="check the collateral as of this time (default: now)"
@@ -216,7 +218,7 @@ def _run(args: argparse.Namespace) -> VerificationResult:
     if args.verify_command == "usage":
         return _usage(args)
     policy = _policy(args)
-    collateral = load_collateral(args.collateral) if args.collateral else None
+    collateral = [load_collateral(path) for path in args.collateral] or None
     verifier = _verifier(args)
     if args.verify_command == "quote":
         log = _read(args.event_log) if args.event_log else None

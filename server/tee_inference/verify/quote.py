@@ -8,12 +8,9 @@ the pinned Intel root, so an offline run says what it did check and what it skip
 
 from __future__ import annotations
 
-import asyncio
-import json
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import dcap_qvl
@@ -29,7 +26,7 @@ from tee_inference.attestation.tdx_quote import (
     load_quote,
     verify_quote_ecdsa,
 )
-from tee_inference.exceptions import VerificationError
+from tee_inference.verify.collateral import collateral_for, collateral_platform, quote_platform
 from tee_inference.verify.policy import VerificationPolicy
 from tee_inference.verify.results import CheckResult
 from tee_inference.verify.trust import subject
@@ -38,30 +35,6 @@ QUOTE_STRUCTURE, QUOTE_SIGNATURE, TCB_STATUS, TD_ATTRIBUTES = (
     "quote_structure", "quote_signature", "tcb_status", "td_attributes",
 )  # fmt: skip
 SIMULATED_HINT = "pass --allow-simulated to accept simulated evidence for testing"
-
-
-def load_collateral(source: str | Path) -> Any:
-    """dcap-qvl collateral (QuoteCollateralV3) from a JSON file, or raise VerificationError."""
-    try:
-        text = Path(source).read_text()
-    except OSError as exc:
-        raise VerificationError(f"cannot read collateral {source}: {exc}") from None
-    return parse_collateral(text, origin=str(source))
-
-
-def parse_collateral(text: str, *, origin: str = "<text>") -> Any:
-    try:
-        return dcap_qvl.QuoteCollateralV3.from_json(text)
-    except (ValueError, TypeError) as exc:
-        raise VerificationError(f"{origin} is not QuoteCollateralV3 JSON: {exc}") from None
-
-
-def fetch_collateral(pccs_url: str, raw_quote: bytes) -> Any:  # pragma: no cover - network
-    """Collateral for this quote's FMSPC from a PCCS (online; never used by the tests)."""
-    try:
-        return asyncio.run(dcap_qvl.get_collateral(pccs_url, raw_quote))
-    except (ValueError, RuntimeError, OSError) as exc:
-        raise VerificationError(f"cannot fetch collateral from {pccs_url}: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -166,16 +139,12 @@ def _intel_checks(
 
 def _fmspc_mismatch(quote: Quote, collateral: Any) -> str | None:
     """A message when the collateral's TCB info is for another FMSPC than the quote's PCK certificate."""
-    try:
-        ours = str(dcap_qvl.Quote.parse(quote.raw).fmspc()).upper()
-        theirs = str(json.loads(collateral.tcb_info)["fmspc"]).upper()
-    except (ValueError, KeyError, TypeError, AttributeError):
-        return None
-    if ours == theirs:
+    ours, theirs = quote_platform(quote.raw), collateral_platform(collateral)
+    if ours is None or theirs is None or ours[0] == theirs[0]:
         return None
     return (
-        f"the collateral is for platform FMSPC {theirs}, the quote's PCK certificate is for {ours}: "
-        "fetch the collateral for this platform (--pccs-url, or a file for FMSPC " + ours + ")"
+        f"the collateral is for platform FMSPC {theirs[0]}, the quote's PCK certificate is for {ours[0]}: "
+        f"fetch the collateral for this platform (--pccs-url, or a file for FMSPC {ours[0]})"
     )
 
 
@@ -187,7 +156,10 @@ def check_quote(
     collateral: Any = None,
     now: int | None = None,
 ) -> QuoteChecks:
-    """Run quote_structure, quote_signature, tcb_status and td_attributes on one quote."""
+    """Run quote_structure, quote_signature, tcb_status and td_attributes on one quote.
+
+    ``collateral``: one QuoteCollateralV3, or a sequence of them (one per platform: collateral.py).
+    """
     try:
         quote = load_quote(raw)
     except QuoteFormatError as exc:
@@ -208,7 +180,8 @@ def check_quote(
         sig_checks = _simulated_checks(quote, policy)
     else:
         when = int(time.time()) if now is None else now
-        sig_checks, tcb_status = _intel_checks(quote, policy, intel_root, collateral, when)
+        mine = collateral_for(quote.raw, collateral)
+        sig_checks, tcb_status = _intel_checks(quote, policy, intel_root, mine, when)
     return QuoteChecks(
         quote, (structure, *sig_checks, check_td_attributes(quote, policy)), simulated, tcb_status
     )

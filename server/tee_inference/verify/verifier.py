@@ -26,12 +26,13 @@ from tee_inference.attestation.report import AttestationReport
 from tee_inference.attestation.tdx_quote import Quote
 from tee_inference.verify import events as ev
 from tee_inference.verify import report as rp
+from tee_inference.verify.collateral import fetch_collaterals_sync
 from tee_inference.verify.gpu import check_gpu, check_nras
 from tee_inference.verify.gpu_binding import check_gpu_binding
 from tee_inference.verify.measurements import TDX_FIELDS, MeasuredValues
 from tee_inference.verify.nvsdk import GPU_NVIDIA_SDK, NvidiaSdkBackend
 from tee_inference.verify.policy import MEASUREMENTS, RELAXABLE, VerificationPolicy
-from tee_inference.verify.quote import check_quote, fetch_collateral
+from tee_inference.verify.quote import check_quote
 from tee_inference.verify.results import CheckResult, Status, VerificationError, VerificationResult
 from tee_inference.verify.trust import load_intel_root, production_nvidia_root
 
@@ -89,7 +90,7 @@ class Verifier:
     ) -> VerificationResult:
         """A bare quote (and optionally its event log): everything but the key and GPU bindings."""
         if collateral is None and pccs_url:
-            collateral = fetch_collateral(pccs_url, _raw(quote))  # pragma: no cover - network
+            collateral = fetch_collaterals_sync(pccs_url, [_raw(quote)])  # pragma: no cover - network
         qc = check_quote(quote, policy, intel_root=self.intel_root, collateral=collateral, now=now)
         checks = list(qc.checks)
         attested: dict[str, Any] = {"tcb_status": qc.tcb_status}
@@ -130,6 +131,8 @@ class Verifier:
 
         Without ``nonce`` freshness is a required skip, and without an expected file in the policy
         so are measurements: ``ok`` stays false unless the policy relaxes them by name.
+        ``collateral`` is one QuoteCollateralV3 or a list, one per platform of the report's nodes
+        (each quote is checked with its own platform's); ``pccs_url`` fetches one per platform.
         """
         if nonce is not None and len(nonce) != 32:
             raise VerificationError(f"a nonce is 32 bytes, got {len(nonce)}")
@@ -137,7 +140,10 @@ class Verifier:
         if parsed is None:
             return VerificationResult((fmt,), policy.relax)
         if collateral is None and pccs_url:
-            collateral = fetch_collateral(pccs_url, _raw(parsed.intel_quote))  # pragma: no cover - network
+            # Every node's platform, not only the answering one's: a gateway's nodes may differ.
+            every = (parsed.intel_quote, *(n.intel_quote for n in parsed.all_attestations))
+            quotes = [raw for raw in map(_raw, every) if raw]
+            collateral = fetch_collaterals_sync(pccs_url, quotes)  # pragma: no cover - network
         evidence = _Evidence(
             parsed.request_nonce if nonce is None else nonce, model, collateral, now, nras_client, tls_layout,
             tuple(rims), rim_client, ocsp_client,
@@ -331,6 +337,9 @@ def _nvidia_sdk(backend: NvidiaSdkBackend, payload_text: str | None, nonce: byte
 
 
 def _raw(quote: bytes | str) -> bytes:  # pragma: no cover - only for the online collateral fetch
-    from tee_inference.attestation.tdx_quote import load_quote
+    from tee_inference.attestation.tdx_quote import QuoteFormatError, load_quote
 
-    return load_quote(quote).raw
+    try:
+        return load_quote(quote).raw
+    except QuoteFormatError:
+        return b""  # the quote check reports it; the PCCS is not asked about it

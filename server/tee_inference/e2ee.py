@@ -68,6 +68,10 @@ class E2eeRefusal(E2eeError):
         super().__init__(message)
         self.status, self.code = status, code
 
+    @classmethod
+    def replayed(cls) -> E2eeRefusal:
+        return cls(409, "e2ee_replay", "this encrypted request was already answered")
+
 
 def _suite() -> CipherSuite:
     return CipherSuite.new(KEMId.DHKEM_X25519_HKDF_SHA256, KDFId.HKDF_SHA256, AEADId.AES256_GCM)
@@ -230,9 +234,11 @@ class ClientExchange:
 class ReplayGuard:
     """Refuses an encapsulated key seen within ``ttl_s``: a captured request replayed by the host.
 
-    Bounded (``max_entries``, oldest forgotten first) and per process; a replay older than the
-    window or sent to another process is decrypted and answered, but the answer is encrypted to
-    the original client's context, so the replayer learns nothing but its size and timing.
+    Bounded (``max_entries``, oldest forgotten first) and per process; with a node store or Redis,
+    ``shared_store.SharedReplayGuard`` extends it to every process and replica sharing it. A replay
+    older than the window (or to another process with no shared store, or while the shared store
+    is unreachable) is decrypted and answered, but the answer is encrypted to the original
+    client's context, so the replayer learns nothing but its size and timing.
     """
 
     def __init__(self, ttl_s: float = 3600.0, max_entries: int = 262_144) -> None:
@@ -293,5 +299,5 @@ def open_request(
             raise E2eeRefusal(422, "e2ee_key_mismatch", message) from None
         raise E2eeRefusal(400, "e2ee_malformed", str(exc)) from None
     if not replays.first_use(exchange.enc):
-        raise E2eeRefusal(409, "e2ee_replay", "this encrypted request was already answered")
+        raise E2eeRefusal.replayed()
     return exchange, plaintext

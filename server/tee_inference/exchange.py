@@ -130,6 +130,9 @@ class SignedExchange:
         keys, enc = self.services.keys.e2ee, header(self.scope, ENC_HEADER) or b""
         try:
             self.e2ee, plaintext = open_request(keys, self.services.e2ee_replays, enc, ciphertext)
+            shared = self.services.shared_replays
+            if shared is not None and not await shared.first_use(self.e2ee.enc):
+                raise E2eeRefusal.replayed()  # answered by another process of this node, or replica
         except E2eeRefusal as refused:
             await send_error(self.client_send, refused.status, str(refused), code=refused.code)
             return None

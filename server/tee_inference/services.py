@@ -21,7 +21,7 @@ from tee_inference.e2ee import ReplayGuard
 from tee_inference.keys import BootKeys
 from tee_inference.metrics import ServingMetrics
 from tee_inference.reports import AttestationService
-from tee_inference.shared_store import UsageStore, node_stores
+from tee_inference.shared_store import SharedReplayGuard, UsageStore, node_kv, node_stores
 from tee_inference.signing import CompletionSigner
 from tee_inference.store import MemorySignatureStore, SignatureStore
 from tee_inference.subrequest import call_app
@@ -95,8 +95,10 @@ class Services:
     api_key: SecretStr | None = None
     # Set by the process that ran the boot, so a launcher can hand it to vLLM's API processes.
     boot_state: BootState | None = None
-    # Encapsulated keys of encrypted requests already answered (bounded; e2ee.py).
+    # Encapsulated keys of encrypted requests already answered (bounded; e2ee.py), and the same
+    # across the processes and replicas sharing a store (shared_store.py), when there is one.
     e2ee_replays: ReplayGuard = field(default_factory=ReplayGuard)
+    shared_replays: SharedReplayGuard | None = None
 
     @classmethod
     def assemble(
@@ -117,9 +119,11 @@ class Services:
         )
         metrics.store_entries.set_function(lambda: len(store))
         # Written through to Redis or the launcher's store when the configuration names one.
+        kv = node_kv(config)
         signatures, usage = node_stores(
-            config, keys.signer, store, lambda kind: metrics.shared_store_tampered.labels(kind).inc()
+            config, keys.signer, store, kv, lambda kind: metrics.shared_store_tampered.labels(kind).inc()
         )
+        replays = ReplayGuard()
         admission = AdmissionControl(
             max_inflight=config.max_inflight_completions,
             max_ttft_s=config.max_ttft_s,
@@ -145,6 +149,8 @@ class Services:
             info=info,
             api_key=config.api_key(),
             usage=usage,
+            e2ee_replays=replays,
+            shared_replays=SharedReplayGuard(kv, replays.ttl_s) if kv is not None else None,
         )
 
     @property

@@ -5,6 +5,7 @@ A key-value store below (``SharedKV``: put-if-absent with an expiry, get) and tw
     SharedSignatureStore   "tee-inference:sig:<completion id>"     -> the completion's signatures
     SharedUsageStore       "tee-inference:usage:<completion id>"   -> its signed usage
                            "tee-inference:usage-ref:<gateway ref>" -> the same, by the gateway's ref
+    SharedReplayGuard      "tee-inference:e2ee-seen:<enc>"         -> an encrypted request answered
 
 Two key-value stores implement it: Redis (``redis_kv.py``: across nodes and gateway replicas) and
 the launcher's own store (``nodestore.py``: the vLLM API processes of one node, when there is no
@@ -44,6 +45,7 @@ log = logging.getLogger("tee_inference.shared_store")
 
 PREFIX: Final = "tee-inference:"
 SIGNATURE_KEY, USAGE_KEY, USAGE_REF_KEY = PREFIX + "sig:", PREFIX + "usage:", PREFIX + "usage-ref:"
+E2EE_SEEN_KEY: Final = PREFIX + "e2ee-seen:"
 
 
 class SharedKV(Protocol):
@@ -321,26 +323,31 @@ class SharedUsageStore:
         return usage
 
 
+def node_kv(config: ServerConfig) -> SharedKV | None:
+    """The key-value store this serving process shares: Redis, the launcher's store, or none."""
+    if config.redis_url:
+        from tee_inference.redis_kv import RedisKV
+
+        return RedisKV(config.redis_url)
+    if config.node_store:
+        from tee_inference.nodestore import NodeStoreClient
+
+        return NodeStoreClient(config.node_store)
+    return None
+
+
 def node_stores(
     config: ServerConfig,
     signer: CompletionSigner,
     local: MemorySignatureStore,
+    kv: SharedKV | None,
     on_tampered: Callable[[str], None] | None = None,
 ) -> tuple[MemorySignatureStore | SharedSignatureStore, MemoryUsageStore | SharedUsageStore]:
-    """A serving process's stores: in memory, written through to Redis or to the launcher's store.
+    """A serving process's stores: in memory, written through to ``kv`` (``node_kv``) when given.
 
-    Without either, memory alone (as before scale-out). A node trusts only its own key on reading.
+    Without it, memory alone (as before scale-out). A node trusts only its own key on reading.
     """
     usage = MemoryUsageStore(signer, ttl_s=config.signature_ttl_s, max_entries=config.signature_max_entries)
-    kv: SharedKV | None = None
-    if config.redis_url:
-        from tee_inference.redis_kv import RedisKV
-
-        kv = RedisKV(config.redis_url)
-    elif config.node_store:
-        from tee_inference.nodestore import NodeStoreClient
-
-        kv = NodeStoreClient(config.node_store)
     if kv is None:
         return local, usage
     trusted = OwnKey(signer.ecdsa.address, signer.ed25519.public_key)
@@ -348,3 +355,29 @@ def node_stores(
         SharedSignatureStore(local, kv, trusted, on_tampered=on_tampered),
         SharedUsageStore(usage, kv, trusted, on_tampered=on_tampered),
     )
+
+
+class SharedReplayGuard:
+    """The node-wide half of e2ee.ReplayGuard: an encapsulated key any process sharing ``kv`` answered.
+
+    Each process checks its own memory first (e2ee.open_request), then this: put-if-absent of the
+    request's encapsulated key (random per request, 32 bytes) with the guard's window as expiry.
+    While the store is unreachable each process still refuses what it saw itself, and the request
+    is served: a replay gains its sender nothing but the answer's size and timing (it is encrypted
+    to the original client), so availability is kept rather than failing every encrypted request.
+    """
+
+    def __init__(self, kv: SharedKV, ttl_s: float) -> None:
+        self.kv, self.ttl_s = kv, ttl_s
+        self._warned = False
+
+    async def first_use(self, enc: bytes) -> bool:
+        try:
+            first = await self.kv.set_nx(E2EE_SEEN_KEY + enc.hex(), b"1", self.ttl_s)
+        except OSError as exc:
+            if not self._warned:
+                log.warning("shared replay check unavailable (%s): this process's own check only", exc)
+                self._warned = True
+            return True
+        self._warned = False
+        return first

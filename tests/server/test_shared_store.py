@@ -166,3 +166,49 @@ def test_a_redis_that_is_down_costs_replicas_the_record_never_the_completion(tmp
         assert (await _signature(second, completion_id)).status_code == 404
 
     anyio.run(scenario)
+
+
+async def _post_sealed(services: Services, enc: str, body: bytes) -> httpx.Response:
+    app = SigningMiddleware(FakeEngine(MODEL), services=services)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+        headers = {"content-type": "application/json", "ehbp-encapsulated-key": enc}
+        return await client.post("/v1/chat/completions", content=body, headers=headers)
+
+
+def _replayed_across(processes: list[Services]) -> list[tuple[int, str | None]]:
+    """One encrypted request sent to every process in turn, byte for byte: (status, error code)."""
+    from tee_inference.e2ee import ClientExchange, public_bytes
+
+    key = processes[0].keys.e2ee.public_key()
+    assert all(public_bytes(p.keys.e2ee.public_key()) == public_bytes(key) for p in processes)
+    exchange = ClientExchange(public_bytes(key))
+    body = exchange.seal_body(json.dumps(CHAT).encode())
+
+    async def scenario() -> list[tuple[int, str | None]]:
+        out = []
+        for process in [*processes, processes[0]]:
+            answer = await _post_sealed(process, exchange.enc_header.decode(), body)
+            code = answer.json()["error"]["code"] if answer.status_code != 200 else None
+            out.append((answer.status_code, code))
+        return out
+
+    return anyio.run(scenario)
+
+
+def test_an_encrypted_request_is_answered_once_by_the_whole_node() -> None:
+    """A captured encrypted request replayed to another API process of the node: refused there too."""
+    with NodeStoreServer(max_entries=100, max_bytes=1 << 20) as store:
+        got = _replayed_across(_processes(2, node_store=store.name))
+    assert got == [(200, None), (409, "e2ee_replay"), (409, "e2ee_replay")]
+
+
+def test_and_by_every_replica_sharing_redis(redis_url: str) -> None:
+    got = _replayed_across(_processes(2, redis_url=redis_url))
+    assert got == [(200, None), (409, "e2ee_replay"), (409, "e2ee_replay")]
+
+
+def test_with_the_shared_store_down_each_process_still_refuses_its_own(tmp_path: Path) -> None:
+    got = _replayed_across(_processes(2, redis_url=f"unix://{tmp_path}/nothing-here.sock"))
+    # The second process cannot know, and serves it (encrypted to the original client: the replayer
+    # learns its size); the first still refuses what it answered itself.
+    assert got == [(200, None), (200, None), (409, "e2ee_replay")]

@@ -79,6 +79,10 @@ def make_trust_roots(config: ServerConfig, state: BootState | None = None) -> Tr
         from tee_inference.tee.dstack import DstackTdxProvider
 
         tdx = DstackTdxProvider(config.dstack_socket)
+    elif config.tdx_provider == "dstack-native":
+        from tee_inference.tee.dstack import DstackNativeEventsProvider
+
+        tdx = DstackNativeEventsProvider(config.dstack_socket, runtime_events=runtime)
     else:
         from tee_inference.tee.tdx import ConfigfsTdxProvider
 

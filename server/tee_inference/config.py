@@ -31,7 +31,7 @@ class ServerConfig(BaseModel):
     key_file: Path | None = None
     key_epoch: int = Field(default=1, ge=0)
     # With tee=tdx: quotes from the kernel's configfs-tsm, or from the dstack guest agent.
-    tdx_provider: Literal["configfs", "dstack"] = "configfs"
+    tdx_provider: Literal["configfs", "dstack", "dstack-native"] = "configfs"
     dstack_socket: Path = Path("/var/run/dstack.sock")
     dstack_key_path: str = DSTACK_KEY_PATH
     # Name of the environment variable that holds the bearer token; None = no auth.

@@ -28,6 +28,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from fakes.tdx_guest import FakeTdxGuestDevice
 from support.servers import running
 from tee_inference.attestation.eventlog import EventLog
 from tee_inference.attestation.simulated_platform import simulated_boot_events
@@ -37,8 +38,15 @@ FAKE_MRTD = hashlib.sha384(b"fake dstack MRTD").digest()
 
 
 class FakeDstackAgent:
-    def __init__(self, seed: bytes = bytes(32)) -> None:
+    """``emit_event=False``: a release without EmitEvent (dstack 10898e63), which answers 404 there.
+    ``device``: the machine's TDX guest device, whose RTMR3 extensions the quotes include (after
+    the agent's own events, which all come before system-ready)."""
+
+    def __init__(
+        self, seed: bytes = bytes(32), *, emit_event: bool = True, device: FakeTdxGuestDevice | None = None
+    ) -> None:
         self.seed = seed
+        self.device = device
         self.signer = SimulatedQuoteSigner(seed)
         self.log = EventLog(simulated_boot_events(seed))
         for name, payload in (("system-preparing", b""), ("app-id", bytes(20)), ("system-ready", b"")):
@@ -67,7 +75,7 @@ class FakeDstackAgent:
                 Route("/GetKey", self._get_key, methods=["POST"]),
                 Route("/GetTlsKey", self._get_tls_key, methods=["POST"]),
                 Route("/Info", self._info, methods=["POST", "GET"]),
-                Route("/EmitEvent", self._emit_event, methods=["POST"]),
+                *([Route("/EmitEvent", self._emit_event, methods=["POST"])] if emit_event else []),
                 Route("/prpc/Tappd.TdxQuote", self._tappd_quote, methods=["POST"]),
                 Route("/prpc/Tappd.DeriveK256Key", self._tappd_key, methods=["POST"]),
                 Route("/prpc/Tappd.Info", self._info, methods=["POST"]),
@@ -90,7 +98,9 @@ class FakeDstackAgent:
     def _quote(self, report_data_hex: str) -> dict[str, Any]:
         report_data = bytes.fromhex(report_data_hex).ljust(64, b"\0")  # "padding with 0s" (api.md)
         events = self.log.events
-        rtmrs = EventLog(events).rtmrs()
+        rtmrs = list(EventLog(events).rtmrs())
+        for _, index, digest in self.device.extends if self.device is not None else ():
+            rtmrs[index] = hashlib.sha384(rtmrs[index] + digest).digest()  # native extensions
         quote = self.signer.quote(report_data, mrtd=FAKE_MRTD, rtmrs=rtmrs)
         return {
             "quote": quote.hex(),

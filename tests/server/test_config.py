@@ -36,7 +36,7 @@ def configs(draw: st.DrawFn) -> ServerConfig:
         key_source=key_source,
         key_file=draw(_paths) if key_source == "file" else draw(st.none() | _paths),
         key_epoch=draw(st.integers(0, 2**31)),
-        tdx_provider=draw(st.sampled_from(["configfs", "dstack"])),
+        tdx_provider=draw(st.sampled_from(["configfs", "dstack", "dstack-native"])),
         dstack_socket=draw(st.none() | _paths),
         dstack_key_path=draw(st.none() | _names),
         api_key_env=draw(st.none() | st.from_regex(r"[A-Z_][A-Z0-9_]{0,20}", fullmatch=True)),

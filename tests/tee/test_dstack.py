@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from fakes.dstack import FakeDstackAgent, serve_fake_dstack
-from tee_inference.attestation.eventlog import compare_rtmrs, load_event_log
+from tee_inference.attestation.eventlog import Event, compare_rtmrs, load_event_log
 from tee_inference.attestation.tdx_quote import load_quote, parse_quote
 from tee_inference.config import DSTACK_KEY_PATH
 from tee_inference.exceptions import KeySourceError, TrustRootError
@@ -195,3 +195,43 @@ def test_real_dstack_info_vector(vectors: Path) -> None:
     assert info.app_id == "ab84a54bdaf082be00ea40e8e37bdeb5c15c58de"
     assert len(info.event_log) == 29
     assert info.tcb_info["mrtd"].startswith("f06dfda6")
+
+
+# -- dstack OS releases without EmitEvent -------------------------------------------------------------
+
+
+def test_without_emit_event_the_agent_path_refuses_to_record(short_dir: Path) -> None:
+    with serve_fake_dstack(short_dir / "agent.sock", FakeDstackAgent(emit_event=False)):
+        provider = DstackTdxProvider(DstackClient(short_dir / "agent.sock", timeout_s=5))
+        with pytest.raises(TrustRootError, match="EmitEvent"):
+            provider.emit_event("tee-inference:image", b"{}")
+
+
+def test_native_events_replay_after_the_agents_own(short_dir: Path) -> None:
+    from fakes.tdx_guest import FakeTdxGuestDevice
+    from tee_inference.tee.dstack import DstackNativeEventsProvider
+    from tee_inference.tee.tdx_guest import TdxGuest
+
+    device = FakeTdxGuestDevice(short_dir / "device")
+    agent = FakeDstackAgent(emit_event=False, device=device)
+    with serve_fake_dstack(short_dir / "agent.sock", agent):
+        guest = TdxGuest(device.device, device.measurements, io=device)
+        provider: TdxProvider = DstackNativeEventsProvider(
+            DstackClient(short_dir / "agent.sock", timeout_s=5), guest
+        )
+        assert provider.name == "dstack-native" and not provider.simulated
+        assert all(check.ok for check in provider.check()), provider.check()
+        emitted = [provider.emit_event(f"tee-inference:e{i}", f"payload {i}".encode()) for i in range(3)]
+        assert [digest for _, index, digest in device.extends if index == 3] == [e.digest for e in emitted]
+        log = provider.event_log()
+        platform = [e.event for e in log if e.imr == 3][:3]
+        assert platform == ["system-preparing", "app-id", "system-ready"] and log[-3:] == emitted
+        quote = parse_quote(provider.get_quote(REPORT_DATA))
+        assert compare_rtmrs(log, quote.td_report.rtmrs) == []
+        assert not [path for path, _ in agent.requests if path == "/EmitEvent"]
+        # Another API process resumes the boot from its state: the same log, nothing extended again.
+        resumed = DstackNativeEventsProvider(
+            DstackClient(short_dir / "agent.sock", timeout_s=5), guest,
+            runtime_events=[Event.from_dict(e) for e in provider.state()["runtime_events"]],
+        )  # fmt: skip
+        assert resumed.event_log() == log and len(device.extends) == 3

@@ -79,9 +79,11 @@ def add_parser(commands: Subparsers) -> None:
     serve.add_argument("--build-dir", type=Path, default=Path("build"), help="caches for the engine")
     serve.add_argument(
         "--tdx-provider",
-        choices=["configfs", "dstack"],
+        choices=["configfs", "dstack", "dstack-native"],
         default="configfs",
-        help="with --tee tdx: quotes from the kernel's configfs-tsm or the dstack guest agent",
+        help="with --tee tdx: quotes from the kernel's configfs-tsm or the dstack guest agent; "
+        "dstack-native: the agent's quotes and log, our RTMR3 events through /dev/tdx_guest (dstack "
+        "OS releases without EmitEvent)",
     )
     serve.add_argument(
         "--gpu-ready-gate",

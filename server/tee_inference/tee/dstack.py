@@ -38,6 +38,8 @@ from tee_inference.attestation.tdx_quote import QuoteFormatError, parse_quote
 from tee_inference.config import DSTACK_KEY_PATH
 from tee_inference.exceptions import KeySourceError, TrustRootError
 from tee_inference.tee import JsonState, StartCheck
+from tee_inference.tee.tdx import NativeRtmr3
+from tee_inference.tee.tdx_guest import TdxGuest
 
 log = logging.getLogger(__name__)
 
@@ -357,6 +359,41 @@ class DstackTdxProvider:
         if info.event_log:
             return info.event_log
         return self.client.get_quote(bytes(64)).event_log
+
+
+class DstackNativeEventsProvider(DstackTdxProvider):
+    """dstack OS releases without the agent's EmitEvent (removed after v0.5.11, dstack 10898e63).
+
+    The agent still quotes and keeps the platform's RTMR3 log (its events up to ``system-ready``);
+    ours are extended through the TDX guest device, as dstack's notes on native TEE interfaces
+    advise, and appended to the agent's log. The agent's log lists only the events it wrote, so
+    the replay is the agent's events, then ours in the order they were extended: nothing else
+    extends RTMR3 after ``system-ready`` on such releases. Needs ``/dev/tdx_guest`` (or the
+    kernel's RTMR sysfs files) in the container besides the agent's socket.
+    """
+
+    name = "dstack-native"
+
+    def __init__(
+        self,
+        client: DstackClient | Path | None = None,
+        guest: TdxGuest | None = None,
+        runtime_events: list[Event] | None = None,
+    ) -> None:
+        super().__init__(client)
+        self._rtmr3 = NativeRtmr3(guest, runtime_events)
+
+    def check(self) -> list[StartCheck]:
+        return [*super().check(), *self._rtmr3.guest.check()]
+
+    def emit_event(self, name: str, payload: bytes) -> Event:
+        return self._rtmr3.emit_event(name, payload)
+
+    def state(self) -> JsonState:
+        return self._rtmr3.state()
+
+    def event_log(self) -> list[Event]:
+        return [*super().event_log(), *self._rtmr3.events()]
 
 
 class DstackKeySource:

@@ -24,6 +24,35 @@ log = logging.getLogger(__name__)
 CCEL_PATH: Final = Path("/sys/firmware/acpi/tables/data/CCEL")
 
 
+class NativeRtmr3:
+    """RTMR3 extended through the TDX guest device, and the events extended so far, in order.
+
+    Shared by the bare-TDX provider and the dstack one for OS releases without EmitEvent.
+    ``runtime_events`` resumes a boot whose RTMR3 events another process already extended.
+    """
+
+    def __init__(self, guest: TdxGuest | None = None, runtime_events: list[Event] | None = None) -> None:
+        self.guest = guest if guest is not None else TdxGuest()
+        self._runtime: list[Event] = list(runtime_events or ())
+        # Extending and logging must happen in the same order, or the log stops replaying.
+        self._lock = threading.Lock()
+
+    def emit_event(self, name: str, payload: bytes) -> Event:
+        event = runtime_event(name, payload)
+        with self._lock:
+            self.guest.extend_rtmr(3, event.digest)
+            self._runtime.append(event)
+        return event
+
+    def events(self) -> list[Event]:
+        with self._lock:
+            return list(self._runtime)
+
+    def state(self) -> JsonState:
+        with self._lock:
+            return {"runtime_events": [event.to_dict() for event in self._runtime]}
+
+
 class ConfigfsTdxProvider:
     """TdxProvider for a TDX guest without dstack: quotes via configfs-tsm, RTMR3 via tdx_guest."""
 
@@ -39,17 +68,14 @@ class ConfigfsTdxProvider:
     ) -> None:
         """``runtime_events`` resumes a boot whose RTMR3 events another process already extended."""
         self._tsm = tsm if tsm is not None else ConfigfsTsm()
-        self._guest = guest if guest is not None else TdxGuest()
+        self._rtmr3 = NativeRtmr3(guest, runtime_events)
         self._ccel_path = ccel_path
         self._boot_events: list[Event] | None = None
-        self._runtime: list[Event] = list(runtime_events or ())
-        # Extending and logging must happen in the same order, or the log stops replaying.
-        self._lock = threading.Lock()
 
     def check(self) -> list[StartCheck]:
         """configfs-tsm, the guest device and the boot log; the caller takes the test quote."""
         results = self._tsm.check()
-        results.extend(self._guest.check())
+        results.extend(self._rtmr3.guest.check())
         try:
             boot = self._load_boot_events()
             detail = f"{len(boot)} boot events from {self._ccel_path}" if boot else f"no {self._ccel_path}"
@@ -62,20 +88,13 @@ class ConfigfsTdxProvider:
         return self._tsm.get_quote(report_data)
 
     def emit_event(self, name: str, payload: bytes) -> Event:
-        event = runtime_event(name, payload)
-        with self._lock:
-            self._guest.extend_rtmr(3, event.digest)
-            self._runtime.append(event)
-        return event
+        return self._rtmr3.emit_event(name, payload)
 
     def event_log(self) -> list[Event]:
-        boot = self._load_boot_events()
-        with self._lock:
-            return [*boot, *self._runtime]
+        return [*self._load_boot_events(), *self._rtmr3.events()]
 
     def state(self) -> JsonState:
-        with self._lock:
-            return {"runtime_events": [event.to_dict() for event in self._runtime]}
+        return self._rtmr3.state()
 
     def _load_boot_events(self) -> list[Event]:
         # Read once: the firmware's log does not change after boot.

@@ -250,7 +250,10 @@ _STALE_KEY_REFUSALS: Final = {(400, "node_not_verified"), (422, "e2ee_key_mismat
 
 
 def may_be_stale_key_refusal(response: httpx.Response, exchange: ClientExchange | None) -> bool:
-    """Worth reading the (small) error body: an encrypted request refused before it was opened."""
+    """Worth reading the error body: an encrypted request refused before it was opened.
+
+    Reading it whole costs nothing new: the OpenAI SDK reads every error body in full anyway.
+    """
     return (
         exchange is not None
         and response.status_code in (400, 422)
@@ -261,9 +264,9 @@ def may_be_stale_key_refusal(response: httpx.Response, exchange: ClientExchange 
 def is_stale_key_refusal(status: int, body: bytes) -> bool:
     try:
         code = json.loads(body)["error"]["code"]
-    except (ValueError, TypeError, KeyError):
+    except (ValueError, TypeError, KeyError, RecursionError):
         return False
-    return (status, code) in _STALE_KEY_REFUSALS
+    return isinstance(code, str) and (status, code) in _STALE_KEY_REFUSALS
 
 
 def encrypted_answer(response: httpx.Response, exchange: ClientExchange | None) -> bool:

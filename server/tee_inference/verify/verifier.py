@@ -90,7 +90,7 @@ class Verifier:
     ) -> VerificationResult:
         """A bare quote (and optionally its event log): everything but the key and GPU bindings."""
         if collateral is None and pccs_url:
-            collateral = fetch_collaterals_sync(pccs_url, [_raw(quote)])  # pragma: no cover - network
+            collateral = fetch_collaterals_sync(pccs_url, [r for r in [_raw(quote)] if r])  # pragma: no cover
         qc = check_quote(quote, policy, intel_root=self.intel_root, collateral=collateral, now=now)
         checks = list(qc.checks)
         attested: dict[str, Any] = {"tcb_status": qc.tcb_status}

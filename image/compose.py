@@ -19,9 +19,15 @@ MODEL_URL_ENV = "TEE_INFERENCE_MODEL_URL"
 DSTACK_SOCKET = "/var/run/dstack.sock"
 # Every GPU of the CVM goes to the server (the gate attests them all; vLLM may use them all).
 GPUS = {"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}
+# How RTMR3 is extended: through the agent's EmitEvent ("dstack", released dstack OS images), or
+# through the TDX guest device ("dstack-native", OS images whose agent has no EmitEvent).
+TDX_PROVIDERS = ("dstack", "dstack-native")
+TDX_GUEST = "/dev/tdx_guest"
 
 
-def compose_services(image_ref: str, model: str, weights_root: str) -> dict[str, object]:
+def compose_services(
+    image_ref: str, model: str, weights_root: str, tdx_provider: str = "dstack"
+) -> dict[str, object]:
     """The docker compose project: a one-shot ``weights`` service, then the server.
 
     - weights: ``fetch-model`` (image/fetch_model.py) fills the ``models`` volume with exactly
@@ -31,17 +37,20 @@ def compose_services(image_ref: str, model: str, weights_root: str) -> dict[str,
       process on the only published port, the API key from dstack's encrypted environment, the
       GPUs attested locally and only then marked ready (--gpu-ready-gate), weights read-only.
     """
+    if tdx_provider not in TDX_PROVIDERS:
+        raise ValueError(f"tdx_provider is one of {', '.join(TDX_PROVIDERS)}, not {tdx_provider!r}")
     digest = image_ref.rpartition("@")[2]
     directory = f"/models/{model}"
     server = [
         "--model", directory, "--expect-weights-root", weights_root,
-        "--tdx-provider", "dstack", "--key-source", "dstack", "--image-digest", digest,
+        "--tdx-provider", tdx_provider, "--key-source", "dstack", "--image-digest", digest,
         "--tls", "self-signed", "--port", str(PORT), "--api-key-env", API_KEY_ENV, "--gpu-ready-gate",
     ]  # fmt: skip
     weights = [
         "--manifest", f"{PREFIX}/models/{model}.manifest", "--dest", directory,
         "--url-env", MODEL_URL_ENV, "--expect-weights-root", weights_root,
     ]  # fmt: skip
+    native = {"devices": [f"{TDX_GUEST}:{TDX_GUEST}"]} if tdx_provider == "dstack-native" else {}
     return {
         "services": {
             "weights": {
@@ -62,6 +71,7 @@ def compose_services(image_ref: str, model: str, weights_root: str) -> dict[str,
                 "runtime": "nvidia",
                 "deploy": {"resources": {"reservations": {"devices": [GPUS]}}},
                 "restart": "unless-stopped",
+                **native,
                 "healthcheck": {
                     "test": ["CMD", f"{PREFIX}/bin/healthcheck", "--port", str(PORT)],
                     "interval": "30s",
@@ -75,14 +85,15 @@ def compose_services(image_ref: str, model: str, weights_root: str) -> dict[str,
     }
 
 
-def compose_text(image_ref: str, model: str, weights_root: str) -> str:
+def compose_text(image_ref: str, model: str, weights_root: str, tdx_provider: str = "dstack") -> str:
     """dstack app-compose (manifest_version 2); compose_hash = sha256 of exactly these bytes.
 
     The docker compose file inside is written as JSON, which is YAML too (docker compose reads
     it as such): no YAML emitter is needed, nothing is left to YAML's implicit typing (``no``,
     ``8443:8443``), and a test reads it back with ``json``.
     """
-    compose = json.dumps(compose_services(image_ref, model, weights_root), indent=2, sort_keys=True) + "\n"
+    services = compose_services(image_ref, model, weights_root, tdx_provider)
+    compose = json.dumps(services, indent=2, sort_keys=True) + "\n"
     app = {
         "manifest_version": 2,
         "name": "tee-inference",

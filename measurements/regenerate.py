@@ -3,6 +3,7 @@
     python measurements/regenerate.py                       # rewrite expected.json, manifests, compose
     python measurements/regenerate.py --check               # fail if any committed value differs
     python measurements/regenerate.py --platform FILE -o X  # a real dstack release's platform instead
+    python measurements/regenerate.py --tdx-provider dstack-native  # for OS images without EmitEvent
 
 Values from this repository: the image digest (image/build_image.py, the reproducible layer), the
 compose hash (sha256 of image/app-compose.json, generated from that digest and the model's root)
@@ -64,7 +65,9 @@ def platform_values(platform_file: Path | None, compose: bytes) -> tuple[dict[st
     return values, str(given.get("description", platform_file.name))
 
 
-def regenerate(workdir: Path, platform_file: Path | None = None) -> tuple[dict[str, object], dict[Path, str]]:
+def regenerate(
+    workdir: Path, platform_file: Path | None = None, tdx_provider: str = "dstack"
+) -> tuple[dict[str, object], dict[Path, str]]:
     """The expected-measurements document and the files it refers to (path -> text)."""
     outputs: dict[Path, str] = {}
     models: dict[str, dict[str, str]] = {}
@@ -79,7 +82,7 @@ def regenerate(workdir: Path, platform_file: Path | None = None) -> tuple[dict[s
     built = image_build.build(workdir / "image", REPO / "build" / "image-cache", manifests=manifests)
     digest = built.digest
     (name, root), *_ = [(n, m["weights_root"]) for n, m in models.items()]
-    compose = image_build.compose_text(f"{image_build.IMAGE_REPOSITORY}@{digest}", name, root)
+    compose = image_build.compose_text(f"{image_build.IMAGE_REPOSITORY}@{digest}", name, root, tdx_provider)
     outputs[REPO / "image" / "app-compose.json"] = compose
     compose_hash = image_build.compose_hash(compose)
     platform, platform_source = platform_values(platform_file, compose.encode())
@@ -125,12 +128,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "-o", "--output", type=Path, metavar="FILE", help="write the expected file here (with --platform)"
     )
+    parser.add_argument(
+        "--tdx-provider", choices=["dstack", "dstack-native"], default="dstack",
+        help="how the compose's server extends RTMR3: the agent's EmitEvent (released dstack OS "
+        "images), or the TDX guest device (OS images whose agent has no EmitEvent)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if args.platform is not None and args.output is None and not args.check:
         parser.error("--platform needs -o FILE: measurements/expected.json keeps the simulated platform")
     with tempfile.TemporaryDirectory(prefix="tee-measure-") as tmp:
         try:
-            document, outputs = regenerate(Path(tmp), args.platform)
+            document, outputs = regenerate(Path(tmp), args.platform, args.tdx_provider)
         except (image_build.BuildError, subprocess.CalledProcessError) as exc:
             print(f"regenerate: {exc}", file=sys.stderr)
             return 1

@@ -134,3 +134,25 @@ def test_systemd_unit_runs_the_same_server() -> None:
         True,
     )
     assert args.api_key_env == "TEE_INFERENCE_API_KEY" and args.expect_weights_root == "${WEIGHTS_ROOT}"
+
+
+def test_a_compose_for_dstack_releases_without_emit_event() -> None:
+    """`regenerate.py --tdx-provider dstack-native`: our RTMR3 events through the TDX guest device."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("compose_module", REPO / "image" / "compose.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    compose_text = module.compose_text
+
+    app = json.loads(compose_text("registry/tee@sha256:" + "ab" * 32, "m", "cd" * 32, "dstack-native"))
+    server = json.loads(app["docker_compose_file"])["services"]["tee-inference"]
+    args = build_parser().parse_args(["serve", *server["command"]])
+    assert args.tdx_provider == "dstack-native"
+    assert server["devices"] == ["/dev/tdx_guest:/dev/tdx_guest"]
+    assert "/var/run/dstack.sock:/var/run/dstack.sock" in server["volumes"]  # quotes: still the agent
+    shipped = json.loads(compose_text("registry/tee@sha256:" + "ab" * 32, "m", "cd" * 32))
+    assert "devices" not in json.loads(shipped["docker_compose_file"])["services"]["tee-inference"]
+    with pytest.raises(ValueError, match="tdx_provider"):
+        compose_text("registry/tee@sha256:" + "ab" * 32, "m", "cd" * 32, "configfs")

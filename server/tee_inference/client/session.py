@@ -14,7 +14,6 @@ from typing import Any, Final
 import httpx
 
 from tee_inference.attestation.report import AttestationReport
-from tee_inference.attestation.tdx_quote import load_quote
 from tee_inference.client.checks import (
     COMPLETION_PATHS,
     INBAND_HEADER,
@@ -25,7 +24,7 @@ from tee_inference.client.checks import (
 )
 from tee_inference.e2ee import ENC_HEADER, NONCE_HEADER, ClientExchange
 from tee_inference.exceptions import TeeInferenceError
-from tee_inference.verify.collateral import fetch_collaterals, load_collateral
+from tee_inference.verify.collateral import fetch_collaterals, load_collateral, report_quotes
 from tee_inference.verify.measurements import ExpectedMeasurements, load_expected_measurements
 from tee_inference.verify.policy import VerificationPolicy
 from tee_inference.verify.tlspin import SpkiPin
@@ -86,15 +85,7 @@ def _node_quotes(body: bytes) -> list[bytes]:
         report, _ = AttestationReport.parse(json.loads(body))
     except (TeeInferenceError, ValueError):
         return []
-    if report is None:
-        return []
-    quotes = []
-    for node in (report, *report.all_attestations):
-        try:
-            quotes.append(load_quote(node.intel_quote).raw)
-        except (TeeInferenceError, ValueError):
-            continue  # the verifier reports the node whose quote does not parse
-    return quotes
+    return report_quotes(report) if report is not None else []
 
 
 class Settings:

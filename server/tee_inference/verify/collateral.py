@@ -20,6 +20,8 @@ from typing import Any
 import dcap_qvl
 from cryptography import x509
 
+from tee_inference.attestation.report import AttestationReport
+from tee_inference.attestation.tdx_quote import QuoteFormatError, load_quote
 from tee_inference.exceptions import VerificationError
 
 Platform = tuple[str, str]  # (FMSPC in upper-case hex, PCK CA: "platform" or "processor")
@@ -76,6 +78,20 @@ def collateral_for(raw_quote: bytes, collateral: Any) -> Any:
     wanted = quote_platform(raw_quote)
     fitting = (c for c in collateral if wanted is not None and collateral_platform(c) == wanted)
     return next(fitting, collateral[0])
+
+
+def report_quotes(report: AttestationReport) -> list[bytes]:
+    """The raw quote of every node of a report: the answering one's, then all_attestations'.
+
+    A quote that does not parse is left out: the quote check reports it, and no PCCS is asked.
+    """
+    quotes = []
+    for node in (report, *report.all_attestations):
+        try:
+            quotes.append(load_quote(node.intel_quote).raw)
+        except QuoteFormatError:
+            continue
+    return quotes
 
 
 def distinct_platforms(raw_quotes: Iterable[bytes]) -> list[bytes]:

@@ -23,10 +23,10 @@ from tee_inference.attestation.nvidia_devices import DeviceIdentity, duplicate_d
 from tee_inference.attestation.nvidia_payload import NvidiaPayload
 from tee_inference.attestation.nvidia_spdm import GpuAttestationError
 from tee_inference.attestation.report import AttestationReport
-from tee_inference.attestation.tdx_quote import Quote
+from tee_inference.attestation.tdx_quote import Quote, QuoteFormatError, load_quote
 from tee_inference.verify import events as ev
 from tee_inference.verify import report as rp
-from tee_inference.verify.collateral import fetch_collaterals_sync
+from tee_inference.verify.collateral import fetch_collaterals_sync, report_quotes
 from tee_inference.verify.gpu import check_gpu, check_nras
 from tee_inference.verify.gpu_binding import check_gpu_binding
 from tee_inference.verify.measurements import TDX_FIELDS, MeasuredValues
@@ -90,7 +90,7 @@ class Verifier:
     ) -> VerificationResult:
         """A bare quote (and optionally its event log): everything but the key and GPU bindings."""
         if collateral is None and pccs_url:
-            collateral = fetch_collaterals_sync(pccs_url, [r for r in [_raw(quote)] if r])  # pragma: no cover
+            collateral = fetch_collaterals_sync(pccs_url, _raw(quote))  # pragma: no cover - network
         qc = check_quote(quote, policy, intel_root=self.intel_root, collateral=collateral, now=now)
         checks = list(qc.checks)
         attested: dict[str, Any] = {"tcb_status": qc.tcb_status}
@@ -141,9 +141,7 @@ class Verifier:
             return VerificationResult((fmt,), policy.relax)
         if collateral is None and pccs_url:
             # Every node's platform, not only the answering one's: a gateway's nodes may differ.
-            every = (parsed.intel_quote, *(n.intel_quote for n in parsed.all_attestations))
-            quotes = [raw for raw in map(_raw, every) if raw]
-            collateral = fetch_collaterals_sync(pccs_url, quotes)  # pragma: no cover - network
+            collateral = fetch_collaterals_sync(pccs_url, report_quotes(parsed))  # pragma: no cover
         evidence = _Evidence(
             parsed.request_nonce if nonce is None else nonce, model, collateral, now, nras_client, tls_layout,
             tuple(rims), rim_client, ocsp_client,
@@ -336,10 +334,9 @@ def _nvidia_sdk(backend: NvidiaSdkBackend, payload_text: str | None, nonce: byte
     return backend.verify(payload, nonce)
 
 
-def _raw(quote: bytes | str) -> bytes:  # pragma: no cover - only for the online collateral fetch
-    from tee_inference.attestation.tdx_quote import QuoteFormatError, load_quote
-
+def _raw(quote: bytes | str) -> list[bytes]:  # pragma: no cover - only for the online collateral fetch
+    """The quote to ask a PCCS about; none when it does not parse (the quote check reports it)."""
     try:
-        return load_quote(quote).raw
+        return [load_quote(quote).raw]
     except QuoteFormatError:
-        return b""  # the quote check reports it; the PCCS is not asked about it
+        return []
